@@ -1,0 +1,123 @@
+"""Celery configuration for the demo: broker, results, queues, routes, limits, beat, tuning.
+
+    python -m celeryconfig          # print the effective configuration (passwords masked)
+
+Every URL can be overridden from the environment, so the same code runs against RabbitMQ,
+Docker, or the embedded file-based stack that ``run_demo.py`` falls back to:
+
+    CELERY_BROKER_URL       default amqp://guest:guest@localhost:5672//
+    CELERY_RESULT_BACKEND   default redis://localhost:6379/0
+    CELERY_FS_ROOT          folder for the filesystem:// broker (set by run_demo.py --broker embedded)
+    CELERY_RESULT_KEYPREFIX optional prefix for every result key in Redis (isolates test runs)
+"""
+import os
+from datetime import timedelta
+
+from celery.schedules import crontab
+from kombu import Exchange, Queue
+
+broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
+result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/0")
+
+# The filesystem transport (pure Python, no server) keeps its messages in folders; the
+# control folder gives it fanout, which inspect/control/revoke and events (Flower) need.
+if broker_url.startswith("filesystem://"):
+    _root = os.environ.get("CELERY_FS_ROOT", os.path.abspath("celery-fs"))
+    broker_transport_options = {
+        "data_folder_in": os.path.join(_root, "messages"),
+        "data_folder_out": os.path.join(_root, "messages"),
+        "control_folder": os.path.join(_root, "control"),
+        "polling_interval": 0.1,  # the default (1 s) adds a second to every hop of a chain
+    }
+
+# memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.
+if broker_url.startswith("memory://"):
+    broker_transport_options = {"polling_interval": 0.05}
+
+# --- Serialization: JSON only. Pickle lets whoever can publish a message run code. ----------
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# --- Queues and routes ----------------------------------------------------------------------
+# Declared explicitly (not auto-created) so that every queue has a priority range on RabbitMQ.
+# RabbitMQ refuses to redeclare an existing queue with other arguments (PRECONDITION_FAILED):
+# see the README's troubleshooting section if you ran an older version of this demo.
+MAX_PRIORITY = 10
+QUEUE_NAMES = ("celery", "fast_queue", "slow_queue", "network_queue")
+task_queues = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name,
+          queue_arguments={"x-max-priority": MAX_PRIORITY})
+    for name in QUEUE_NAMES
+)
+task_default_queue = "celery"
+task_default_exchange = "celery"
+task_default_routing_key = "celery"
+task_queue_max_priority = MAX_PRIORITY
+task_routes = {
+    "tasks.fast_task": {"queue": "fast_queue"},
+    "tasks.slow_task": {"queue": "slow_queue"},
+    "tasks.fetch_url": {"queue": "network_queue"},
+    # everything else (add, canvas steps, callbacks, beat jobs) goes to the default "celery" queue
+}
+
+# --- Rate limits ----------------------------------------------------------------------------
+# 5 per second shows the throttling within a couple of seconds (the classic "10/m" would make
+# the demo wait a minute). Rate limits are enforced by each worker on its own, not globally.
+task_annotations = {"tasks.limited_task": {"rate_limit": "5/s"}}
+
+# --- Periodic tasks (run by exactly one `celery -A tasks beat`) ------------------------------
+beat_schedule = {
+    "check-system-every-3-seconds": {"task": "tasks.check_system", "schedule": timedelta(seconds=3)},
+    "generate-report-every-minute": {"task": "tasks.generate_report", "schedule": crontab()},
+}
+
+# --- States, events and results -------------------------------------------------------------
+task_track_started = True          # STARTED state, so a caller sees a task has been picked up
+worker_send_task_events = True     # Flower and `celery events` need these
+task_send_sent_event = True        # shows tasks in Flower before any worker picks them up
+result_expires = 3600              # results are deleted after an hour; nobody reads them later
+result_extended = True             # store name/args with results, so Flower and inspect show them
+
+# --- Failing fast when a service is down ------------------------------------------------------
+broker_connection_timeout = 3                # seconds for one TCP connect to the broker
+broker_connection_retry_on_startup = True    # workers wait for a broker that is starting ...
+broker_connection_max_retries = 10           # ... but give up instead of retrying forever
+task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                             "interval_max": 1}  # a client with no broker fails in seconds
+redis_socket_connect_timeout = 3
+redis_socket_timeout = 30                    # longer than any single Redis round-trip
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+# Several demo runs (or test runs) can share one Redis when each has its own key prefix.
+if os.environ.get("CELERY_RESULT_KEYPREFIX"):
+    result_backend_transport_options["global_keyprefix"] = os.environ["CELERY_RESULT_KEYPREFIX"]
+
+# --- Tuning knobs (see benchmark.py and the README's performance section) -----------------
+worker_concurrency = None          # None = one process per CPU; raise it for I/O-bound work
+worker_prefetch_multiplier = 1     # 1 = fair for long tasks; raise (e.g. 64) for many tiny tasks
+task_acks_late = False             # True re-runs tasks whose worker died, but needs idempotent tasks
+broker_pool_limit = 10             # connections a client keeps open; raise for many threads
+task_compression = None            # "gzip" when payloads are large (> tens of kB)
+result_compression = None          # the same for large results
+worker_max_tasks_per_child = 1000  # recycles a child process to contain memory leaks
+worker_cancel_long_running_tasks_on_connection_loss = True  # late-ack tasks are redelivered anyway
+
+
+def summary():
+    """The effective settings as printable lines, with passwords masked."""
+    from kombu.utils.url import maybe_sanitize_url
+    names = sorted(k for k in globals() if k[0].islower() and k != "summary")
+    lines = []
+    for name in names:
+        value = globals()[name]
+        if callable(value) or type(value).__name__ == "module":
+            continue
+        if name in ("broker_url", "result_backend"):
+            value = maybe_sanitize_url(value)
+        lines.append(f"{name} = {value!r}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(summary()))

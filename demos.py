@@ -1,0 +1,322 @@
+"""The catalogue of demos: one small function per Celery feature.
+
+Each demo sends its tasks, waits for them with a deadline (never a bare ``.get()``), checks the
+outcome and returns one line saying what it showed; it raises ``DemoFailed`` otherwise.
+``client_fixed.py`` runs them against the real stack, ``complete_demo.py`` against in-process
+workers, and the tests against both. Not a script: import it.
+"""
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from celery import chain, chord, group
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+import stack
+import tasks
+
+DEMOS = {}  # name -> function, in the order a reader should meet them
+
+
+class DemoFailed(AssertionError):
+    """A demo whose outcome was not what it teaches; the message says what went wrong."""
+
+
+def demo(func):
+    DEMOS[func.__name__.removeprefix("demo_")] = func
+    return func
+
+
+@dataclass
+class Context:
+    """What a demo needs to know about the stack it runs on."""
+    app: object
+    deadline: float = 0.0                 # monotonic time by which the current demo must end
+    supports_priority: bool = False       # only RabbitMQ reorders a queue by priority
+    can_terminate: bool = False           # revoke(terminate=True) needs the prefork pool
+    on_progress: object = None            # callback(current, total) for the progress demo
+    http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
+    notes: list = field(default_factory=list)
+
+    def remaining(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DemoFailed("the demo ran out of time")
+        return left
+
+
+def check(condition, message):
+    if not condition:
+        raise DemoFailed(message)
+
+
+def why_pending(app, queue):
+    """Explain a task that nobody picked up: the usual cause is a queue with no worker."""
+    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+    if not replies:
+        return (f"no worker is running at all; start one for queue {queue!r}: "
+                f"`{' '.join(stack.worker_command(queue))}`")
+    consumed = {q["name"] for queues in replies.values() for q in queues}
+    if queue not in consumed:
+        return (f"no worker consumes queue {queue!r} (workers: {', '.join(sorted(replies))}); "
+                f"start one: `{' '.join(stack.worker_command(queue))}`")
+    return (f"workers consume {queue!r} but did not finish in time: they may be busy, or the "
+            f"broker dropped the message (RabbitMQ discards a message whose `expires` passed)")
+
+
+def wait(ctx, result, queue, timeout=None, propagate=True):
+    """``result.get`` with a deadline; a task still PENDING at the deadline is diagnosed."""
+    limit = min(timeout or ctx.remaining(), ctx.remaining())
+    try:
+        return result.get(timeout=limit, propagate=propagate, interval=0.05)
+    except CeleryTimeout:
+        if result.state == "PENDING":
+            raise DemoFailed(f"still PENDING after {limit:.0f}s: "
+                             f"{why_pending(ctx.app, queue)}") from None
+        raise DemoFailed(f"not finished after {limit:.0f}s (state {result.state})") from None
+
+
+def wait_state(ctx, result, states, queue):
+    while result.state not in states:
+        if ctx.deadline - time.monotonic() < 0.2:
+            why = why_pending(ctx.app, queue) if result.state == "PENDING" else result.state
+            raise DemoFailed(f"expected {'/'.join(states)}, still {result.state}: {why}")
+        time.sleep(0.05)
+    return result.state
+
+
+# --- The demos ---------------------------------------------------------------------------
+@demo
+def demo_basic(ctx):
+    result = tasks.add.delay(2, 3)
+    value = wait(ctx, result, "celery")
+    check(value == 5, f"add(2, 3) returned {value!r}")
+    return f"add.delay(2, 3) -> {value} (task {result.id[:8]}, state {result.state})"
+
+
+@demo
+def demo_progress(ctx):
+    result = tasks.slow_task.delay(5, step_seconds=0.3)
+    seen = []
+    while not result.ready():
+        ctx.remaining()
+        if result.state == "PROGRESS" and (not seen or seen[-1] != result.info["current"]):
+            seen.append(result.info["current"])
+            if ctx.on_progress:
+                ctx.on_progress(result.info["current"], result.info["total"])
+        time.sleep(0.05)
+    summary = wait(ctx, result, "slow_queue")
+    check(seen and seen == sorted(seen), f"PROGRESS steps seen out of order: {seen}")
+    check(summary["steps"] == 5, f"slow_task returned {summary!r}")
+    return f"PROGRESS steps seen: {seen}, then SUCCESS {summary}"
+
+
+@demo
+def demo_routing(ctx):
+    sent = {"fast_queue": tasks.fast_task.delay("routed"),
+            "slow_queue": tasks.slow_task.delay(1, step_seconds=0.05),
+            "celery": tasks.add.delay(1, 1)}
+    seen = []
+    for queue, result in sent.items():
+        wait(ctx, result, queue)
+        # result_extended=True stores the queue a task was delivered from and the worker
+        check(result.queue == queue, f"{result.name} came from {result.queue}, not {queue}")
+        seen.append(f"{result.name} -> {queue} ({result.worker})")
+    return ", ".join(seen)
+
+
+@demo
+def demo_canvas(ctx):
+    doubled = wait(ctx, group(tasks.process_data.s(i) for i in range(4)).delay(), "celery")
+    check([r["doubled"] for r in doubled] == [0, 2, 4, 6], f"group gave {doubled}")
+    saved = wait(ctx, chain(tasks.process_data.s(5), tasks.validate_data.s(),
+                            tasks.save_result.s()).delay(), "celery")
+    check(saved == {"value": 5, "doubled": 10, "valid": True, "saved": True}, f"chain: {saved}")
+    summary = wait(ctx, chord((tasks.process_data.s(i) for i in range(1, 4)),
+                              tasks.combine_results.s()).delay(), "celery")
+    check(summary == {"count": 3, "total": 12}, f"chord gave {summary}")
+    return f"group -> {len(doubled)} results; chain -> saved={saved['saved']}; chord -> {summary}"
+
+
+@demo
+def demo_workflow(ctx):
+    pipelines = group(chain(tasks.process_data.s(i), tasks.validate_data.s(),
+                            tasks.save_result.s()) for i in range(1, 4))
+    workflow = pipelines | tasks.combine_results.s() | tasks.send_notification.s()
+    message = wait(ctx, workflow.delay(), "celery")
+    check(message == "report ready: 3 items, total 12", f"workflow gave {message!r}")
+    return f"group of 3 chains | combine | notify -> {message!r}"
+
+
+@demo
+def demo_retry(ctx):
+    with FlakyServer(failures=2, host=ctx.http_host) as server:
+        result = tasks.fetch_url.delay(server.url)
+        answer = wait(ctx, result, "network_queue")
+    check(answer["attempts"] == 3 and server.requests == 3,
+          f"expected 3 attempts (2 failures + 1 success), got {answer} / {server.requests} requests")
+    return f"fetch_url failed twice with 503, retried after 1 s and 2 s, succeeded: {answer['status']}"
+
+
+@demo
+def demo_rate_limit(ctx):
+    results = [tasks.limited_task.delay(i) for i in range(6)]
+    ran_at = sorted(wait(ctx, r, "celery")["ran_at"] for r in results)
+    spread = ran_at[-1] - ran_at[0]
+    check(spread >= 0.8, f"6 tasks at 5/s should take about 1 s, took {spread:.2f}s")
+    return f"6 tasks under rate_limit 5/s ran over {spread:.2f}s (about 0.2 s apart)"
+
+
+@demo
+def demo_periodic(ctx):
+    def runs():
+        stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
+        return sum(s.get("total", {}).get("tasks.check_system", 0) for s in stats.values())
+    before = runs()
+    while runs() <= before:
+        if ctx.deadline - time.monotonic() < 1.5:
+            raise DemoFailed("beat did not send tasks.check_system in time: is "
+                             "`celery -A tasks beat` running (exactly one)?")
+        time.sleep(0.5)
+    return f"beat sent tasks.check_system (every 3 s); workers have run it {runs()} times"
+
+
+@demo
+def demo_callbacks(ctx):
+    on_success = tasks.success_callback.s()
+    success_result = on_success.freeze()  # a known id, so we can wait for the callback itself
+    tasks.important_task.apply_async(("succeed",), link=on_success)
+    said = wait(ctx, success_result, "celery")
+    on_error = tasks.failure_callback.s()
+    error_result = on_error.freeze()
+    failing = tasks.important_task.apply_async(("fail",), link_error=on_error)
+    wait(ctx, failing, "celery", propagate=False)
+    check(failing.state == "FAILURE", f"important_task('fail') ended {failing.state}")
+    reported = wait(ctx, error_result, "celery")
+    retried = wait(ctx, tasks.important_task.delay("retry"), "celery")
+    check("'attempts': 1" in said and "RuntimeError" in reported and retried["attempts"] == 2,
+          f"callbacks said {said!r} / {reported!r} / {retried!r}")
+    return "link -> success_callback, link_error -> failure_callback, on_retry -> 2 attempts"
+
+
+@demo
+def demo_priority(ctx):
+    # Keep every worker slot of the default queue busy, so the next tasks wait in the broker,
+    # where RabbitMQ hands out the highest priority first.
+    stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
+    queues = ctx.app.control.inspect(timeout=1.0).active_queues() or {}
+    slots = sum(s["pool"].get("max-concurrency", 1) + s.get("prefetch_count", 1)
+                for name, s in stats.items()
+                if "celery" in {q["name"] for q in queues.get(name, [])})
+    blockers = [tasks.priority_task.apply_async(("blocker", 0.5)) for _ in range(slots + 2)]
+    low = [tasks.priority_task.apply_async((f"low{i}",), priority=1) for i in range(8)]
+    high = tasks.priority_task.apply_async(("high",), priority=9)
+    for result in blockers + low + [high]:
+        wait(ctx, result, "celery")
+    order = [r.result["label"] for r in sorted(low + [high], key=lambda r: r.result["ran_at"])]
+    rank = order.index("high")
+    if not ctx.supports_priority:
+        ctx.notes.append("this broker ignores priority: tasks ran in FIFO order")
+        return f"high started after {rank} of 8 earlier low tasks (no priority queues here: FIFO)"
+    # Tasks that start in the same instant on several pool slots may swap places, so the check
+    # is that "high" overtook most of the 8 tasks queued before it (FIFO would put it last).
+    check(rank <= 3, f"priority 9 should overtake the priority 1 tasks, ran {order}")
+    return f"8 tasks of priority 1, then 1 of priority 9: it started after only {rank} of them"
+
+
+@demo
+def demo_expires(ctx):
+    # The worker receives the message at once but holds it until its countdown; by then
+    # `expires` has passed, so it is revoked instead of run.
+    result = tasks.add.apply_async((1, 1), countdown=2, expires=1)
+    state = wait_state(ctx, result, ("REVOKED", "SUCCESS", "FAILURE"), "celery")
+    check(state == "REVOKED", f"a task that expired before it could run ended {state}")
+    return "add(1, 1) with countdown=2, expires=1 -> REVOKED, never run"
+
+
+@demo
+def demo_revoke(ctx):
+    queued = tasks.add.apply_async((2, 2), countdown=2)
+    queued.revoke()
+    state = wait_state(ctx, queued, ("REVOKED", "SUCCESS"), "celery")
+    check(state == "REVOKED", f"a revoked task still ran ({state})")
+    if not ctx.can_terminate:
+        return "revoke() of a waiting task -> REVOKED (terminate needs the prefork pool)"
+    running = tasks.slow_task.delay(40, step_seconds=0.25)
+    wait_state(ctx, running, ("PROGRESS",), "slow_queue")
+    running.revoke(terminate=True, signal="SIGTERM")
+    state = wait_state(ctx, running, ("REVOKED", "SUCCESS", "FAILURE"), "slow_queue")
+    check(state == "REVOKED", f"terminated slow_task ended {state}")
+    return "revoke() of a waiting task and revoke(terminate=True) of a running one -> REVOKED"
+
+
+@demo
+def demo_inspect(ctx):
+    inspect = ctx.app.control.inspect(timeout=1.0)
+    queues = inspect.active_queues() or {}
+    check(queues, "no worker answered `inspect active_queues`")
+    registered = inspect.registered() or {}
+    consumed = {q["name"] for qs in queues.values() for q in qs}
+    missing = {q.name for q in ctx.app.conf.task_queues} - consumed
+    check(not missing, f"no worker consumes {sorted(missing)}")
+    count = max(len(names) for names in registered.values()) if registered else 0
+    return f"{len(queues)} workers answered; queues {sorted(consumed)}; {count} tasks registered"
+
+
+# --- A local HTTP endpoint that fails N times, then answers: retries with no internet ---------
+class FlakyServer:
+    def __init__(self, failures, host="127.0.0.1", bind="127.0.0.1"):
+        self.failures, self.requests = failures, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                status = 503 if outer.requests <= outer.failures else 200
+                body = b"busy, try again" if status == 503 else b"hello from the flaky server"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # keep the demo's output clean
+                pass
+
+        self.server = ThreadingHTTPServer((bind, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_port}/flaky"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+def run(ctx, name, deadline_s):
+    """Run one demo with its own deadline; never raises, returns an Outcome."""
+    ctx.deadline = time.monotonic() + deadline_s
+    started = time.monotonic()
+    try:
+        detail, ok = DEMOS[name](ctx), True
+    except Exception as exc:  # a demo's failure is reported, and the next demo still runs
+        detail, ok = f"{exc.__class__.__name__}: {exc}", False
+    return Outcome(name, ok, round(time.monotonic() - started, 2), detail)
+
+
+DEADLINES = {"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20}
+
+
+def deadline_for(name):
+    return DEADLINES.get(name, 10)

@@ -1,0 +1,264 @@
+"""Shared plumbing: find or start a broker, start and stop workers, beat and Flower.
+
+Used by run_demo.py, complete_demo.py, benchmark.py and the tests, so the path a user runs is
+the path the tests check. It knows nothing about the demos themselves.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from kombu.utils.url import maybe_sanitize_url
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_BROKER = "amqp://guest:guest@localhost:5672//"
+DEFAULT_BACKEND = "redis://localhost:6379/0"
+# Short node names per queue: `celery -A tasks worker -Q slow_queue -n slow@%h`
+WORKER_NAMES = {"celery": "default", "fast_queue": "fast", "slow_queue": "slow",
+                "network_queue": "network"}
+START_HINT = ("start one with `docker compose up -d rabbitmq redis`, use your distribution's "
+              "packages (rabbitmq-server, redis-server), or run `python run_demo.py`, which "
+              "falls back to an embedded stack that needs no server")
+
+
+class ServiceUnavailable(RuntimeError):
+    """A broker or result backend that cannot be reached; the message says how to fix it."""
+
+
+def mask(url):
+    """The URL with its password replaced, safe to print or log."""
+    return maybe_sanitize_url(url)
+
+
+def worker_command(queue, *extra):
+    """The command a user types to start the worker of one queue (from the project folder)."""
+    return ["celery", "-A", "tasks", "worker", "-Q", queue, "-n",
+            f"{WORKER_NAMES.get(queue, queue)}@%h", *extra]
+
+
+# --- Is a service there? -------------------------------------------------------------------
+def check_broker(url, timeout=3.0):
+    """Raise ServiceUnavailable unless the broker answers within ``timeout`` seconds."""
+    if url.startswith(("memory://", "filesystem://")):
+        return
+    from kombu import Connection
+    try:
+        with Connection(url, connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+    except Exception as exc:  # every failure here means the same to the user
+        raise ServiceUnavailable(
+            f"cannot reach the broker at {mask(url)} ({exc.__class__.__name__}: {exc}); "
+            f"{START_HINT}") from None
+
+
+def check_backend(url, timeout=3.0):
+    """Raise ServiceUnavailable unless a Redis result backend answers (others need no server)."""
+    if not url.startswith(("redis://", "rediss://")):
+        return
+    import redis
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: {exc}); "
+            f"{START_HINT}") from None
+
+
+def reachable(broker, backend, timeout=2.0):
+    try:
+        check_broker(broker, timeout)
+        check_backend(backend, timeout)
+        return True
+    except ServiceUnavailable:
+        return False
+
+
+def docker_engine_available(timeout=5.0):
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def embedded_env(run_dir):
+    """Environment for the pure-Python stack: kombu's filesystem transport + file results."""
+    root = Path(run_dir) / "embedded"
+    for sub in ("messages", "control", "results"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return {"CELERY_BROKER_URL": "filesystem://", "CELERY_FS_ROOT": str(root),
+            "CELERY_RESULT_BACKEND": f"file://{root / 'results'}"}
+
+
+# --- Throw-away RabbitMQ vhosts and Redis key prefixes, for tests and benchmarks -------------
+def rabbitmqctl(*args, timeout=60):
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=timeout, check=True).stdout
+
+
+def rabbitmqctl_usable():
+    if not shutil.which("rabbitmqctl"):
+        return False
+    try:
+        rabbitmqctl("list_vhosts", timeout=30)
+        return True
+    except (subprocess.SubprocessError, OSError):
+        return False
+
+
+@contextmanager
+def throwaway_vhost(base_url=DEFAULT_BROKER, prefix="celery-demo"):
+    """Yield a broker URL on a new vhost that is deleted (with all its queues) afterwards."""
+    parsed = urlparse(base_url)
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, parsed.username or "guest", ".*", ".*", ".*")
+        yield parsed._replace(path="/" + name).geturl()
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@contextmanager
+def throwaway_redis_prefix(url=DEFAULT_BACKEND, prefix="celery-demo"):
+    """Yield a key prefix for results; every key under it is deleted afterwards."""
+    import redis
+    key_prefix = f"{prefix}-{uuid.uuid4().hex[:10]}:"
+    try:
+        yield key_prefix
+    finally:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        keys = list(client.scan_iter(match=key_prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+# --- In-process workers and beat: complete_demo.py and the tests ----------------------------
+@contextmanager
+def in_process_workers(app, queues, beat=False, concurrency=4, run_dir=None):
+    """Start real workers inside this process (threads pool), and beat if asked.
+
+    Celery's own ``celery.contrib.testing.worker.start_worker`` runs a worker in a thread.
+    The threads pool (not prefork) keeps ``memory://`` working: prefork children would each
+    get their own copy of the in-memory broker. On memory:// there is one worker per queue,
+    as in the real stack; on a network broker one worker consumes every queue, because
+    workers in one process share kombu's event loop and would read each other's sockets.
+    """
+    from celery.contrib.testing.worker import start_worker
+    host = socket.gethostname()
+    if app.conf.broker_url.startswith("memory://"):
+        groups = {f"{WORKER_NAMES.get(q, q)}@{host}": [q] for q in queues}
+    else:
+        groups = {f"demo@{host}": list(queues)}
+    with ExitStack() as stack:
+        for nodename, consumed in groups.items():
+            stack.enter_context(start_worker(
+                app, pool="threads", concurrency=concurrency, queues=consumed,
+                hostname=nodename, perform_ping_check=False, shutdown_timeout=20,
+                loglevel="WARNING"))
+        if beat:
+            stack.enter_context(embedded_beat(app, run_dir))
+        wait_for_workers(app, list(groups), 20)
+        yield list(groups)
+
+
+@contextmanager
+def embedded_beat(app, run_dir=None):
+    from celery.beat import EmbeddedService
+    folder = Path(run_dir or HERE / ".run")
+    folder.mkdir(parents=True, exist_ok=True)
+    beat = EmbeddedService(app, thread=True,
+                           schedule_filename=str(folder / f"beat-{uuid.uuid4().hex[:6]}"))
+    beat.start()
+    try:
+        yield beat
+    finally:
+        beat.stop()
+        beat.join(10)
+
+
+def wait_for_workers(app, names, timeout):
+    """Wait until every named worker answers a ping; raise TimeoutError naming the silent ones."""
+    deadline = time.monotonic() + timeout
+    missing = set(names)
+    while missing and time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        missing -= {name for reply in replies for name in reply}
+    if missing:
+        raise TimeoutError(f"workers did not answer a ping within {timeout}s: "
+                           f"{', '.join(sorted(missing))}")
+
+
+# --- Processes: workers, beat, Flower as real OS processes ------------------------------------
+class Processes:
+    """Start commands in their own process group with a log each; stop every one of them."""
+
+    def __init__(self, run_dir, env=None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **(env or {})}
+        self.started = []  # (name, Popen, log path)
+        self._lock = threading.Lock()
+
+    def start(self, name, argv):
+        log_path = self.run_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, cwd=HERE, env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # our own group: we can stop it whole
+        with self._lock:
+            self.started.append((name, proc, log_path))
+        return proc
+
+    def celery(self, name, *args):
+        return self.start(name, [sys.executable, "-m", "celery", "-A", "tasks", *args])
+
+    def exited(self):
+        """(name, returncode) of processes that stopped on their own."""
+        return [(n, p.returncode) for n, p, _ in self.started if p.poll() is not None]
+
+    def pids(self):
+        return [p.pid for _, p, _ in self.started]
+
+    def stop_all(self, grace=10.0):
+        """SIGTERM each process group (warm shutdown), then SIGKILL what is left after ``grace``."""
+        with self._lock:
+            started = list(self.started)
+        for _, proc, _ in started:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc, _ in started:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc, _ in started:
+            _signal_group(proc, signal.SIGKILL)  # also reaps pool children left in the group
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)  # the group we created with start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path, lines=20):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
