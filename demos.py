@@ -38,6 +38,7 @@ class Context:
     can_terminate: bool = False           # revoke(terminate=True) needs the prefork pool
     on_progress: object = None            # callback(current, total) for the progress demo
     http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
+    http_bind: str = "127.0.0.1"          # where it listens (0.0.0.0 when workers are elsewhere)
     notes: list = field(default_factory=list)
 
     def remaining(self):
@@ -90,6 +91,7 @@ def wait_state(ctx, result, states, queue):
 # --- The demos ---------------------------------------------------------------------------
 @demo
 def demo_basic(ctx):
+    """delay() a task and get() its result with a timeout."""
     result = tasks.add.delay(2, 3)
     value = wait(ctx, result, "celery")
     check(value == 5, f"add(2, 3) returned {value!r}")
@@ -98,6 +100,7 @@ def demo_basic(ctx):
 
 @demo
 def demo_progress(ctx):
+    """Follow a long task's PROGRESS state (update_state meta) until it succeeds."""
     result = tasks.slow_task.delay(5, step_seconds=0.3)
     seen = []
     while not result.ready():
@@ -115,6 +118,7 @@ def demo_progress(ctx):
 
 @demo
 def demo_routing(ctx):
+    """task_routes send each task to its own queue, consumed by its own worker."""
     sent = {"fast_queue": tasks.fast_task.delay("routed"),
             "slow_queue": tasks.slow_task.delay(1, step_seconds=0.05),
             "celery": tasks.add.delay(1, 1)}
@@ -129,6 +133,7 @@ def demo_routing(ctx):
 
 @demo
 def demo_canvas(ctx):
+    """group (parallel), chain (pipeline) and chord (parallel, then a callback)."""
     doubled = wait(ctx, group(tasks.process_data.s(i) for i in range(4)).delay(), "celery")
     check([r["doubled"] for r in doubled] == [0, 2, 4, 6], f"group gave {doubled}")
     saved = wait(ctx, chain(tasks.process_data.s(5), tasks.validate_data.s(),
@@ -142,6 +147,7 @@ def demo_canvas(ctx):
 
 @demo
 def demo_workflow(ctx):
+    """Canvas primitives nested: a group of chains, then combine, then notify."""
     pipelines = group(chain(tasks.process_data.s(i), tasks.validate_data.s(),
                             tasks.save_result.s()) for i in range(1, 4))
     workflow = pipelines | tasks.combine_results.s() | tasks.send_notification.s()
@@ -152,7 +158,8 @@ def demo_workflow(ctx):
 
 @demo
 def demo_retry(ctx):
-    with FlakyServer(failures=2, host=ctx.http_host) as server:
+    """autoretry_for with exponential backoff against a flaky HTTP server."""
+    with FlakyServer(failures=2, host=ctx.http_host, bind=ctx.http_bind) as server:
         result = tasks.fetch_url.delay(server.url)
         answer = wait(ctx, result, "network_queue")
     check(answer["attempts"] == 3 and server.requests == 3,
@@ -162,6 +169,7 @@ def demo_retry(ctx):
 
 @demo
 def demo_rate_limit(ctx):
+    """A rate_limit of 5/s spaces tasks out, enforced by the worker."""
     results = [tasks.limited_task.delay(i) for i in range(6)]
     ran_at = sorted(wait(ctx, r, "celery")["ran_at"] for r in results)
     spread = ran_at[-1] - ran_at[0]
@@ -171,6 +179,7 @@ def demo_rate_limit(ctx):
 
 @demo
 def demo_periodic(ctx):
+    """beat sends tasks.check_system on a schedule; a worker runs it."""
     def runs():
         stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
         return sum(s.get("total", {}).get("tasks.check_system", 0) for s in stats.values())
@@ -185,6 +194,7 @@ def demo_periodic(ctx):
 
 @demo
 def demo_callbacks(ctx):
+    """link / link_error callbacks and a Task subclass's on_success/on_failure/on_retry hooks."""
     on_success = tasks.success_callback.s()
     success_result = on_success.freeze()  # a known id, so we can wait for the callback itself
     tasks.important_task.apply_async(("succeed",), link=on_success)
@@ -203,6 +213,7 @@ def demo_callbacks(ctx):
 
 @demo
 def demo_priority(ctx):
+    """A priority 9 task overtakes priority 1 tasks waiting in the queue (RabbitMQ)."""
     # Keep every worker slot of the default queue busy, so the next tasks wait in the broker,
     # where RabbitMQ hands out the highest priority first.
     stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
@@ -228,6 +239,7 @@ def demo_priority(ctx):
 
 @demo
 def demo_expires(ctx):
+    """A task whose `expires` passes before it runs is REVOKED, never run."""
     # The worker receives the message at once but holds it until its countdown; by then
     # `expires` has passed, so it is revoked instead of run.
     result = tasks.add.apply_async((1, 1), countdown=2, expires=1)
@@ -238,6 +250,7 @@ def demo_expires(ctx):
 
 @demo
 def demo_revoke(ctx):
+    """revoke() a waiting task, and revoke(terminate=True) a running one."""
     queued = tasks.add.apply_async((2, 2), countdown=2)
     queued.revoke()
     state = wait_state(ctx, queued, ("REVOKED", "SUCCESS"), "celery")
@@ -254,6 +267,7 @@ def demo_revoke(ctx):
 
 @demo
 def demo_inspect(ctx):
+    """app.control.inspect(): which workers are up, what they consume and know."""
     inspect = ctx.app.control.inspect(timeout=1.0)
     queues = inspect.active_queues() or {}
     check(queues, "no worker answered `inspect active_queues`")

@@ -210,18 +210,19 @@ class Processes:
         self.started = []  # (name, Popen, log path)
         self._lock = threading.Lock()
 
-    def start(self, name, argv):
+    def start(self, name, argv, env=None):
         log_path = self.run_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, cwd=HERE, env=self.env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, cwd=HERE, env={**self.env, **(env or {})},
+                                    stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # our own group: we can stop it whole
         with self._lock:
             self.started.append((name, proc, log_path))
         return proc
 
-    def celery(self, name, *args):
-        return self.start(name, [sys.executable, "-m", "celery", "-A", "tasks", *args])
+    def celery(self, name, *args, env=None):
+        return self.start(name, [sys.executable, "-m", "celery", "-A", "tasks", *args], env=env)
 
     def exited(self):
         """(name, returncode) of processes that stopped on their own."""
@@ -230,12 +231,34 @@ class Processes:
     def pids(self):
         return [p.pid for _, p, _ in self.started]
 
-    def stop_all(self, grace=10.0):
-        """SIGTERM each process group (warm shutdown), then SIGKILL what is left after ``grace``."""
+    def still_running(self):
+        """Names whose process group still has a member (a worker's pool children included)."""
+        left = []
+        for name, proc, _ in self.started:
+            try:
+                os.killpg(proc.pid, 0)  # signal 0: only asks whether the group exists
+                left.append(name)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return left
+
+    def log_tail(self, name, lines=20):
+        return tail(self.run_dir / f"{name}.log", lines)
+
+    def stop_all(self, grace=10.0, whole_group=True):
+        """SIGTERM each process group (warm shutdown), then SIGKILL what is left after ``grace``.
+
+        ``whole_group=False`` sends the SIGTERM to each group's leader only: a prefork worker
+        then stops its own pool children, as a warm shutdown should (its children, when they
+        get the SIGTERM directly, die mid-shutdown and can stall the worker until SIGKILL).
+        """
         with self._lock:
             started = list(self.started)
         for _, proc, _ in started:
-            _signal_group(proc, signal.SIGTERM)
+            if whole_group:
+                _signal_group(proc, signal.SIGTERM)
+            elif proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc, _ in started:
             try:
@@ -262,3 +285,107 @@ def tail(path, lines=20):
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+# --- The multi-process stack of run_demo.py: a worker per queue, beat, Flower -----------------
+class StackFailed(RuntimeError):
+    """A process of the stack exited or never answered; the message holds the tail of its log."""
+
+
+def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=None,
+                concurrency=2, loglevel="INFO"):
+    """Start one worker per queue, beat and (if a port is given) Flower, all at once.
+
+    Returns the node names the workers will answer a ping with. Workers use the prefork pool
+    (revoke(terminate=True) needs it) and send events (-E) for Flower. Mingle and gossip
+    only exchange state between workers at start, which the demo does not need: without
+    them a worker is ready about a second sooner.
+    """
+    host = socket.gethostname()
+    nodes = []
+    for queue in queues:
+        short = WORKER_NAMES.get(queue, queue)
+        processes.celery(f"worker-{short}", "worker", "-Q", queue, "-n", f"{short}@%h", "-E",
+                         "-P", "prefork", "-c", str(concurrency),
+                         "--without-mingle", "--without-gossip", "-l", loglevel)
+        nodes.append(f"{short}@{host}")
+    if beat:
+        processes.celery("beat", "beat", "-s", str(processes.run_dir / "celerybeat-schedule"),
+                         "-l", loglevel)
+    if flower_port:
+        # Flower 2.x answers its API with 401 unless auth is configured or this is set
+        processes.celery("flower", "flower", "--address=127.0.0.1", f"--port={flower_port}",
+                         env={"FLOWER_UNAUTHENTICATED_API": "true"})
+    return nodes
+
+
+def wait_until_ready(app, processes, nodes, timeout=30.0):
+    """Wait until every node answers a ping; fail at once, with its log, if a process exits."""
+    deadline = time.monotonic() + timeout
+    missing = set(nodes)
+    while missing:
+        for name, code in processes.exited():
+            raise StackFailed(f"{name} exited with code {code} during start-up; "
+                              f"the end of its log:\n{processes.log_tail(name)}")
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {name}:\n{processes.log_tail(name)}" for name in
+                              (f"worker-{node.split('@')[0]}" for node in sorted(missing)))
+            raise StackFailed(f"no ping answer within {timeout:.0f}s from "
+                              f"{', '.join(sorted(missing))}; the end of their logs:\n{tails}")
+        replies = app.control.ping(timeout=0.5) or []
+        missing -= {name for reply in replies for name in reply}
+
+
+def wait_for_port(host, port, timeout):
+    """True once something accepts TCP connections on host:port (Flower), False at timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def free_port(preferred=5555):
+    """``preferred`` if nothing listens there, else any free port."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- docker compose: RabbitMQ and Redis in containers -----------------------------------------
+COMPOSE_SERVICES = ("rabbitmq", "redis")
+
+
+def compose(*args, timeout=120):
+    """Run `docker compose ARGS` in the project folder; return the CompletedProcess."""
+    return subprocess.run(["docker", "compose", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def compose_up(broker, backend, timeout=90.0):
+    """`docker compose up -d rabbitmq redis`, then wait until both answer; raise otherwise."""
+    command = f"docker compose up -d {' '.join(COMPOSE_SERVICES)}"
+    try:
+        done = compose("up", "-d", *COMPOSE_SERVICES, timeout=600)  # a first run pulls images
+    except subprocess.TimeoutExpired:
+        raise ServiceUnavailable(f"`{command}` did not finish within 600s") from None
+    if done.returncode:
+        raise ServiceUnavailable(f"`{command}` failed: {(done.stderr or done.stdout).strip()}")
+    deadline = time.monotonic() + timeout
+    while not reachable(broker, backend):
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(
+                f"the containers started but {mask(broker)} / {mask(backend)} did not answer "
+                f"within {timeout:.0f}s; see `docker compose logs rabbitmq redis`")
+        time.sleep(1)
+
+
+def compose_stop():
+    """`docker compose stop rabbitmq redis`: keeps the containers, so the next start is quick."""
+    return compose("stop", *COMPOSE_SERVICES, timeout=120)

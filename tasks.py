@@ -14,11 +14,25 @@ import time
 import requests
 from celery import Celery, Task
 from celery.result import AsyncResult
+from celery.signals import worker_init
+from kombu.utils.url import maybe_sanitize_url
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 
 logger = logging.getLogger(__name__)
+
+
+@worker_init.connect
+def refuse_to_start_without_result_backend(sender, **kwargs):
+    """Stop a worker whose Redis result backend is down: it would run tasks and lose every result."""
+    url = str(sender.app.conf.result_backend or "")
+    if not url.startswith(("redis://", "rediss://")):
+        return
+    try:
+        sender.app.backend.client.ping()
+    except Exception as exc:  # SystemExit: Celery logs and ignores other errors in signal handlers
+        raise SystemExit(f"cannot reach the result backend at {maybe_sanitize_url(url)}: {exc}")
 
 
 # --- Basics ---------------------------------------------------------------------------------
@@ -89,6 +103,8 @@ class ServerBusy(Exception):
           max_retries=3, retry_backoff=True, retry_jitter=False)
 def fetch_url(self, url):
     """GET ``url``; retried after 1 s, 2 s, 4 s on network errors and 5xx answers."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError(f"fetch_url needs an http:// or https:// URL, got {url!r}")
     response = requests.get(url, timeout=(3, 10))  # (connect, read): never wait forever
     if response.status_code >= 500:
         raise ServerBusy(f"{url} answered {response.status_code}")

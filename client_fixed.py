@@ -1,0 +1,144 @@
+"""Run the demo catalogue against the running Celery stack: deadlines, diagnosis, summary.
+
+    python client_fixed.py                          # every demo; exit code 0 when all passed
+    python client_fixed.py --list                   # the demos, one line each
+    python client_fixed.py --only canvas,retry --json results.json
+
+It needs a broker, a result backend, a worker per queue and beat: ``python run_demo.py``
+starts them and then runs this file. "Fixed" because it guards against what makes a naive
+client hang or mislead (see client.py): every wait has a deadline, a task still PENDING at its
+deadline is explained (usually: no worker consumes its queue), an unreachable broker is
+reported in seconds, and the summary table and exit code say what passed.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from urllib.parse import urlparse
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+import demos
+import stack
+import tasks
+
+console = Console()
+
+
+def describe(name):
+    """The first line of a demo's docstring."""
+    return (demos.DEMOS[name].__doc__ or "").strip().split("\n")[0]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Run the Celery demos against a running stack.")
+    parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these demos")
+    parser.add_argument("--list", action="store_true", help="list the demos and exit")
+    parser.add_argument("--timeout", type=float, default=180,
+                        help="deadline in seconds for the whole run (default 180)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    args = parser.parse_args()
+    args.names = list(demos.DEMOS)
+    if args.only:
+        args.names = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in args.names if name not in demos.DEMOS]
+        if unknown:
+            parser.error(f"unknown demo {', '.join(unknown)}; choose from {', '.join(demos.DEMOS)}")
+    return args
+
+
+def make_context():
+    return demos.Context(
+        app=tasks.app,
+        # Only RabbitMQ hands out the highest priority first (queues have x-max-priority)
+        supports_priority=urlparse(tasks.app.conf.broker_url).scheme in ("amqp", "pyamqp"),
+        can_terminate=True,  # revoke(terminate=True) works with the prefork pool of real workers
+        # In docker compose the workers reach this client's flaky HTTP server by its service name
+        http_host=os.environ.get("DEMO_HTTP_HOST", "127.0.0.1"),
+        http_bind=os.environ.get("DEMO_HTTP_BIND", "127.0.0.1"))
+
+
+def run_all(ctx, names, timeout, outcomes):
+    """Run each demo within its own deadline and the whole run's; append to ``outcomes``."""
+    end = time.monotonic() + timeout
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.fields[steps]}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        for name in names:
+            left = end - time.monotonic()
+            if left < 1:
+                outcomes.append(demos.Outcome(name, False, 0.0, f"not run: the --timeout of "
+                                              f"{timeout:.0f}s for the whole run was used up"))
+                continue
+            bar = progress.add_task(f"{name}: {escape(describe(name))}", total=None, steps="")
+            # demo_progress calls this with each PROGRESS state of slow_task: a live bar
+            ctx.on_progress = lambda current, total: progress.update(
+                bar, completed=current, total=total, steps=f"step {current}/{total}")
+            outcome = demos.run(ctx, name, min(demos.deadline_for(name), left))
+            progress.remove_task(bar)
+            console.print(f"[green]PASS[/] {name} ({outcome.seconds:.1f}s)" if outcome.ok else
+                          f"[red]FAIL[/] {name} ({outcome.seconds:.1f}s): {escape(outcome.detail)}")
+            outcomes.append(outcome)
+
+
+def show_summary(outcomes, notes):
+    table = Table(title="Summary")
+    for column in ("demo", "result", "seconds", "detail"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for o in outcomes:
+        table.add_row(o.name, "[green]passed[/]" if o.ok else "[red]FAILED[/]",
+                      f"{o.seconds:.1f}", escape(o.detail))
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {escape(note)}")
+    passed = sum(o.ok for o in outcomes)
+    console.print(f"[bold]{passed} passed, {len(outcomes) - passed} failed[/]")
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: summary first, then exit
+
+
+def main():
+    args = parse_args()
+    if args.list:
+        for name in demos.DEMOS:
+            print(f"{name:<11} {describe(name)}")
+        return 0
+    broker, backend = tasks.app.conf.broker_url, tasks.app.conf.result_backend
+    try:  # seconds, not a hang or a traceback, when nothing listens
+        stack.check_broker(broker)
+        stack.check_backend(backend)
+    except stack.ServiceUnavailable as exc:
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    signal.signal(signal.SIGTERM, interrupt)
+    console.print(f"broker {stack.mask(broker)}, results {stack.mask(backend)}: "
+                  f"running {len(args.names)} demos")
+    ctx, outcomes, interrupted = make_context(), [], False
+    started = time.monotonic()
+    try:
+        run_all(ctx, args.names, args.timeout, outcomes)
+    except KeyboardInterrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches run_demo.py too, which
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # then stops us: finish the summary first
+        console.print("[yellow]interrupted: the summary shows the demos that finished[/]")
+    show_summary(outcomes, ctx.notes)
+    ok = not interrupted and len(outcomes) == len(args.names) and all(o.ok for o in outcomes)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"passed": ok, "interrupted": interrupted, "broker": stack.mask(broker),
+                       "backend": stack.mask(backend),
+                       "seconds": round(time.monotonic() - started, 2), "notes": ctx.notes,
+                       "demos": [vars(o) for o in outcomes]}, out, indent=2)
+    return 130 if interrupted else 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Start a real multi-process Celery stack, run every demo on it, and stop it all again.
+
+    python run_demo.py                     # about 30 s; exit code 0 when every demo passed
+    python run_demo.py --flower            # also start Flower and print its URL
+    python run_demo.py --broker embedded   # force a stack: auto (default), rabbitmq, docker, embedded
+    python run_demo.py --keep-running      # leave the stack up after the demos, until Ctrl-C
+    python run_demo.py --only canvas,retry # pass a subset (and --timeout, --json) to client_fixed.py
+
+Services, the first that works: (1) the configured broker and result backend
+(CELERY_BROKER_URL, CELERY_RESULT_BACKEND); (2) RabbitMQ and Redis from `docker compose`;
+(3) an embedded stack that needs nothing installed: kombu's filesystem transport and file
+results inside the run folder. Then a worker per queue, beat (and Flower), and finally
+``client_fixed.py`` as a subprocess, exactly as you would run it yourself. Each process logs to
+the run folder (.run/<timestamp>/). Everything it started is stopped at the end, also after a
+failure, Ctrl-C or SIGTERM.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.console import Console
+from rich.markup import escape
+
+import stack
+
+HERE = Path(__file__).resolve().parent
+console = Console()
+received = []  # the signal that ended the run, if any
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Run every Celery demo on a real stack.")
+    parser.add_argument("--broker", choices=("auto", "rabbitmq", "docker", "embedded"),
+                        default="auto", help="which services to use (default: auto)")
+    parser.add_argument("--flower", action="store_true", help="also start Flower on 127.0.0.1")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave the stack running after the demos until Ctrl-C")
+    parser.add_argument("--run-dir", type=Path, help="folder for logs (default .run/<timestamp>)")
+    parser.add_argument("--only", help="run only these demos (comma-separated)")
+    parser.add_argument("--timeout", type=float, default=180, help="deadline for all the demos")
+    parser.add_argument("--json", metavar="FILE", help="write the demo results to FILE")
+    return parser.parse_args()
+
+
+def say(message):
+    console.print(f"[bold cyan]run_demo:[/] {message}")
+
+
+def choose_services(mode, run_dir):
+    """Return (environment for every process, whether we started docker compose)."""
+    broker = os.environ.get("CELERY_BROKER_URL", stack.DEFAULT_BROKER)
+    backend = os.environ.get("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
+    configured = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+    where = f"broker {stack.mask(broker)} and result backend {stack.mask(backend)}"
+    if mode == "rabbitmq":
+        stack.check_broker(broker)  # raises ServiceUnavailable with a hint
+        stack.check_backend(backend)
+    if mode in ("auto", "rabbitmq") and (mode == "rabbitmq" or stack.reachable(broker, backend)):
+        say(f"services: using the configured {where} (both answer)")
+        return configured, False
+    if mode == "auto":
+        say(f"the configured {where} do not both answer")
+    if mode in ("auto", "docker"):
+        if stack.docker_engine_available():
+            say("services: starting RabbitMQ and Redis: `docker compose up -d rabbitmq redis`")
+            try:
+                stack.compose_up(broker, backend)
+                return configured, True
+            except stack.ServiceUnavailable as exc:
+                stack.compose_stop()
+                if mode == "docker":
+                    raise
+                say(f"{escape(str(exc))}")
+        elif mode == "docker":
+            raise stack.ServiceUnavailable("no Docker engine answers `docker info`; start Docker, "
+                                           "or use --broker embedded")
+        else:
+            say("no Docker engine answers `docker info`")
+    say("services: embedded stack, nothing to install: kombu filesystem:// transport and "
+        "file:// results in the run folder")
+    return stack.embedded_env(run_dir), False
+
+
+def make_run_dir(wanted):
+    if wanted:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted.resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in ("", *(f"-{n}" for n in range(1, 100))):
+        try:
+            (HERE / ".run" / (stamp + suffix)).mkdir(parents=True)
+            return HERE / ".run" / (stamp + suffix)
+        except FileExistsError:
+            continue
+    raise RuntimeError("cannot create a run folder under .run/")
+
+
+def write_pids(run_dir, processes, client=None):
+    """pids.json: what this run started (each in its own process group), for checks and cleanup."""
+    pids = {"run_demo": os.getpid(), "processes": {n: p.pid for n, p, _ in processes.started},
+            "client": client.pid if client else None}
+    (run_dir / "pids.json").write_text(json.dumps(pids, indent=2))
+
+
+def client_command(args):
+    command = [sys.executable, str(HERE / "client_fixed.py"), "--timeout", str(args.timeout)]
+    if args.only:
+        command += ["--only", args.only]
+    if args.json:
+        command += ["--json", str(Path(args.json).resolve())]
+    return command
+
+
+def on_signal(signum, frame):
+    received.append(signum)
+    raise KeyboardInterrupt  # so that every finally-block runs and the stack is stopped
+
+
+def run(args, run_dir, started):
+    """Everything between services up and demos done; returns the exit code of client_fixed.py."""
+    env, started["compose"] = choose_services(args.broker, run_dir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH"))))
+    os.environ.update(env)  # for this process (pings) and every child
+    import tasks  # noqa: E402  imported only now: celeryconfig reads the environment set above
+    if urlparse(tasks.app.conf.broker_url).scheme not in ("amqp", "pyamqp"):
+        say("[yellow]this broker cannot show priority ordering (only RabbitMQ reorders a "
+            "queue); every other demo runs[/]")
+    processes = started["processes"] = stack.Processes(run_dir)
+    flower_port = stack.free_port(5555) if args.flower else None
+    t0 = time.monotonic()
+    nodes = stack.start_stack(processes, flower_port=flower_port)
+    write_pids(run_dir, processes)
+    say(f"started {len(nodes)} workers (prefork, -E) and beat"
+        f"{' and Flower' if flower_port else ''}; waiting for their ping")
+    stack.wait_until_ready(tasks.app, processes, nodes, timeout=45)
+    say(f"workers ready in {time.monotonic() - t0:.1f}s: {', '.join(nodes)}")
+    if flower_port:
+        up = stack.wait_for_port("127.0.0.1", flower_port, timeout=20)
+        say(f"Flower: http://127.0.0.1:{flower_port}/" + ("" if up else " (not answering yet)"))
+    client = started["client"] = subprocess.Popen(client_command(args), cwd=HERE, env=os.environ)
+    write_pids(run_dir, processes, client)
+    code = client.wait()
+    for name, exit_code in processes.exited():
+        console.print(f"[red]{name} exited with code {exit_code} during the demos; the end of "
+                      f"its log:[/]\n{escape(processes.log_tail(name))}")
+    if code:
+        say(f"[red]some demos failed[/]; each process's log is in {run_dir}")
+    if args.keep_running:
+        started["code"] = code  # Ctrl-C is then how the user ends a good run
+        say("the stack keeps running (try `celery -A tasks inspect active_queues` from this "
+            "folder with the same environment); press Ctrl-C to stop it")
+        while True:
+            time.sleep(1)
+    return code
+
+
+def stop(started, interrupted):
+    """Stop the client, every process and the containers it started; return what is left."""
+    client, processes = started.get("client"), started.get("processes")
+    if client and client.poll() is None:
+        client.send_signal(signal.SIGTERM)  # it prints what finished, then exits
+        try:
+            client.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait(timeout=5)
+    if processes:
+        say(f"stopping {len(processes.started)} processes")
+        processes.stop_all(grace=8 if interrupted else 15, whole_group=False)
+    if started.get("compose"):
+        say("stopping the containers it started: `docker compose stop rabbitmq redis`")
+        stack.compose_stop()
+    return processes.still_running() if processes else []
+
+
+def main():
+    args = parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    begin = time.monotonic()
+    run_dir = make_run_dir(args.run_dir)
+    say(f"logs in {run_dir}")
+    started, code = {}, 1
+    try:
+        code = run(args, run_dir, started)
+    except stack.ServiceUnavailable as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        code = 2
+    except stack.StackFailed as exc:
+        console.print(f"[red]the stack did not start:[/] {escape(str(exc))}")
+        code = 1
+    except KeyboardInterrupt:
+        code = started.get("code", 128 + (received[-1] if received else signal.SIGINT))
+        say("interrupted")
+    finally:
+        # A second Ctrl-C must not cut the clean-up short and leave processes behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        left = stop(started, interrupted=bool(received))
+    verdict = "[green]every demo passed[/]" if code == 0 else f"[red]exit code {code}[/]"
+    still = f"[red]still running: {', '.join(left)}[/]" if left else "nothing left running"
+    say(f"{verdict}; {time.monotonic() - begin:.1f}s in all; {still}; logs in {run_dir}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

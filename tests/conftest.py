@@ -1,0 +1,115 @@
+"""Shared fixtures: the in-process memory stack, and real RabbitMQ + Redis on throw-away vhosts.
+
+RabbitMQ tests skip on a machine without RabbitMQ, Redis or rabbitmqctl, except on CI
+(CI=true), where such a skip is turned into a failure: CI must prove the real broker.
+"""
+import functools
+import importlib
+import threading
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import stack  # noqa: E402
+
+MEMORY_ENV = {"CELERY_BROKER_URL": "memory://localhost/", "CELERY_RESULT_BACKEND": "cache+memory://"}
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def rabbit_problem():
+    """None when RabbitMQ, Redis and rabbitmqctl are all usable, else what is missing."""
+    try:
+        stack.check_broker(stack.DEFAULT_BROKER, timeout=2)
+        stack.check_backend(stack.DEFAULT_BACKEND, timeout=2)
+    except stack.ServiceUnavailable as exc:
+        return str(exc)
+    if not stack.rabbitmqctl_usable():
+        return "rabbitmqctl is missing or not permitted (needed for throw-away vhosts)"
+    return None
+
+
+def require_rabbit():
+    problem = rabbit_problem()
+    if problem:
+        if ON_CI:
+            pytest.fail(f"CI=true, so the RabbitMQ tests must run, but: {problem}")
+        pytest.skip(f"RabbitMQ + Redis not available: {problem}")
+
+
+@pytest.fixture
+def rabbit_env():
+    """Environment for subprocesses: a fresh vhost and Redis key prefix, removed afterwards."""
+    require_rabbit()
+    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
+        yield {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+               "CELERY_RESULT_KEYPREFIX": prefix}
+
+
+def configure(env):
+    """Point the one `tasks` app at another broker and backend, as a fresh process would see it.
+
+    The environment is what celeryconfig reads; the app's cached connections, producer pool and
+    result backend are dropped so that nothing still talks to the previous broker.
+    """
+    import celeryconfig
+    import tasks
+    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    importlib.reload(celeryconfig)
+    app = tasks.app
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    for cached in ("amqp", "control", "events"):
+        app.__dict__.pop(cached, None)
+    app._backend_cache = None
+    app._local = threading.local()
+    app.config_from_object(celeryconfig, force=True)
+    assert app.conf.broker_url == env["CELERY_BROKER_URL"]
+    return app
+
+
+class Stack:
+    def __init__(self, name, app, workers):
+        self.name, self.app, self.workers = name, app, workers
+
+    def context(self, **kwargs):
+        import demos
+        return demos.Context(app=self.app, supports_priority=self.name == "rabbitmq", **kwargs)
+
+
+@pytest.fixture(scope="session", params=["memory", "rabbitmq"])
+def live(request, tmp_path_factory):
+    """The `tasks` app with real in-process workers for every queue, and beat.
+
+    Every test that takes this fixture runs twice: on memory:// and on RabbitMQ + Redis.
+    """
+    saved = dict(os.environ)
+    try:
+        if request.param == "memory":
+            env = dict(MEMORY_ENV)
+            app = configure(env)
+            yield from _workers(request.param, app, tmp_path_factory)
+        else:
+            require_rabbit()
+            with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
+                app = configure({"CELERY_BROKER_URL": url, "CELERY_RESULT_KEYPREFIX": prefix,
+                                 "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND})
+                yield from _workers(request.param, app, tmp_path_factory)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _workers(name, app, tmp_path_factory):
+    queues = [q.name for q in app.conf.task_queues]
+    run_dir = tmp_path_factory.mktemp(f"beat-{name}")
+    with stack.in_process_workers(app, queues, beat=True, run_dir=run_dir) as workers:
+        yield Stack(name, app, workers)

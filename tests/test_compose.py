@@ -1,0 +1,310 @@
+"""docker-compose.yml, Dockerfile and .dockerignore, checked without a Docker engine.
+
+    pytest tests/test_compose.py
+
+There is no Docker engine on the machines that run these tests, so the files are read with
+PyYAML and checked for what `docker compose up` relies on. The healthchecks of a worker and of
+beat are then run for real against worker and beat processes on a throw-away vhost, and
+`docker compose config` validates the file where the docker client has the compose plugin.
+"""
+import fnmatch
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from celery import Celery
+
+from conftest import ROOT
+
+import celeryconfig
+import stack
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # SafeLoader merges <<
+SERVICES = COMPOSE["services"]
+OWN_IMAGE = {name for name, s in SERVICES.items() if s.get("build")}
+ONE_SHOT = {"client"}
+VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(text, env=None):
+    """What docker compose makes of ${VAR:-default}, ${VAR} and $$ in a value."""
+    env = env or {}
+
+    def replace(match):
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        return env.get(name) or match.group(2) or ""
+    return VARIABLE.sub(replace, str(text))
+
+
+def strings(node):
+    """Every string in the file, with the service it belongs to."""
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def argv(service):
+    command = SERVICES[service]["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def healthcheck_command(service):
+    test = SERVICES[service]["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL"), f"{service}: healthcheck test {test!r}"
+    return test
+
+
+def worker_services():
+    """queue -> service, for every service that runs a worker."""
+    workers = {}
+    for name in SERVICES:
+        if "command" in SERVICES[name] and argv(name)[:4] == ["celery", "-A", "tasks", "worker"]:
+            args = argv(name)
+            workers[args[args.index("-Q") + 1]] = name
+    return workers
+
+
+# --- What is there -----------------------------------------------------------------------
+def test_the_stack_has_broker_backend_workers_beat_flower_and_a_client():
+    assert {"rabbitmq", "redis", "beat", "flower", "client"} <= set(SERVICES)
+    assert SERVICES["rabbitmq"]["image"].startswith("rabbitmq:3.")
+    assert SERVICES["rabbitmq"]["image"].endswith("-management"), "Flower's broker page needs it"
+    assert re.fullmatch(r"redis:7\.\d+", SERVICES["redis"]["image"]), "kombu 5.7 needs Redis 6.2+"
+    assert OWN_IMAGE == set(SERVICES) - {"rabbitmq", "redis"}
+    assert {SERVICES[name]["image"] for name in OWN_IMAGE} == {"celery-demo"}, "one image"
+
+
+def test_every_queue_has_exactly_one_worker_named_as_stack_names_it():
+    workers = worker_services()
+    assert set(workers) == set(celeryconfig.QUEUE_NAMES)
+    for queue, service in workers.items():
+        args = argv(service)
+        node = f"{stack.WORKER_NAMES[queue]}@%h"
+        assert args[args.index("-n") + 1] == node, service
+        assert "-E" in args, f"{service}: without -E Flower shows no tasks"
+        assert args.count("-Q") == 1, service
+        # the healthcheck pings this very node ($HOSTNAME is what %h expands to)
+        check = " ".join(healthcheck_command(service)[1:])
+        assert f"-d {node.replace('%h', '$$HOSTNAME')}" in check, check
+
+
+def test_exactly_one_beat_and_it_can_write_its_schedule():
+    beats = [name for name in OWN_IMAGE if "beat" in argv(name)]
+    assert beats == ["beat"]
+    assert "replicas" not in str(SERVICES["beat"].get("deploy", {})), "two beats = tasks twice"
+    args = argv("beat")
+    schedule = args[args.index("-s") + 1]
+    assert schedule.startswith("/tmp/"), "the image's user cannot write to /app"
+    assert schedule in " ".join(healthcheck_command("beat")), "the healthcheck reads that file"
+
+
+def test_commands_run_modules_and_files_of_this_project():
+    for name in OWN_IMAGE:
+        args = argv(name)
+        if args[0] == "celery":
+            assert args[1:3] == ["-A", "tasks"] and (ROOT / "tasks.py").is_file(), name
+        else:
+            assert args[0] == "python" and (ROOT / args[1]).is_file(), f"{name}: {args}"
+
+
+def test_every_service_but_the_client_has_a_healthcheck():
+    for name, service in SERVICES.items():
+        if name in ONE_SHOT:
+            assert "healthcheck" not in service
+            continue
+        check = service.get("healthcheck")
+        assert check and check.get("test") and not check.get("disable"), name
+        assert check.get("interval") and check.get("timeout") and check.get("retries"), name
+
+
+def test_dependencies_wait_for_healthy_services():
+    for name, service in SERVICES.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: the short form does not wait for health"
+        for target, condition in depends.items():
+            assert condition == {"condition": "service_healthy"}, f"{name} -> {target}"
+            assert "healthcheck" in SERVICES[target], f"{name} waits on {target}, never healthy"
+    for name in set(worker_services().values()) | {"beat", "flower"}:
+        assert "rabbitmq" in SERVICES[name]["depends_on"], name
+    # the client runs every demo: each worker, and beat for the periodic demo
+    assert set(SERVICES["client"]["depends_on"]) == set(worker_services().values()) | {"beat"}
+
+
+def test_ports_are_published_on_loopback_only():
+    published = {}
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            host, host_port, container_port = str(port).split(":")
+            assert host == "127.0.0.1", f"{name} publishes {port} to every interface"
+            published[int(container_port)] = name
+    assert published == {5672: "rabbitmq", 15672: "rabbitmq", 6379: "redis", 5555: "flower"}
+
+
+def test_no_password_is_hard_coded_and_every_variable_has_a_default():
+    for text in strings(COMPOSE):
+        for match in VARIABLE.finditer(text):
+            if match.group(0) != "$$":
+                assert match.group(1) and ":-" in match.group(0), f"no default: {text}"
+        # credentials in a URL must each be one variable (marked VAR here), not literals
+        marked = VARIABLE.sub(lambda m: "$" if m.group(0) == "$$" else "VAR", text)
+        for user, password in re.findall(r"://([^:/@\s]*):([^@\s]*)@", marked):
+            assert user == password == "VAR", f"hard-coded credentials: {text}"
+    for name, service in SERVICES.items():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search(r"PASS|SECRET|TOKEN|AUTH", key):
+                assert str(value).startswith("${"), f"{name}: {key} is hard-coded"
+
+
+def test_celery_uses_the_user_that_rabbitmq_creates():
+    for env in ({}, {"RABBITMQ_DEFAULT_USER": "alice", "RABBITMQ_DEFAULT_PASS": "s3cret"}):
+        rabbit = {k: interpolate(v, env) for k, v in SERVICES["rabbitmq"]["environment"].items()}
+        user, password = rabbit["RABBITMQ_DEFAULT_USER"], rabbit["RABBITMQ_DEFAULT_PASS"]
+        assert user != "guest", "RabbitMQ refuses guest from other containers"
+        for name in OWN_IMAGE:
+            url = interpolate(SERVICES[name]["environment"]["CELERY_BROKER_URL"], env)
+            assert url == f"amqp://{user}:{password}@rabbitmq:5672//", name
+            assert interpolate(SERVICES[name]["environment"]["CELERY_RESULT_BACKEND"], env) \
+                == "redis://redis:6379/0", name
+
+
+def test_flower_listens_for_the_published_port_and_its_api_has_auth():
+    args = argv("flower")
+    assert args[:4] == ["celery", "-A", "tasks", "flower"]
+    assert "--address=0.0.0.0" in args and "--port=5555" in args
+    auth = interpolate(SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"])
+    assert re.fullmatch(r"[^:,]+:[^:,]+", auth), "without auth Flower 2.x's API answers 401"
+    assert "/healthcheck" in " ".join(healthcheck_command("flower")), "exempt from auth"
+
+
+def test_the_client_is_one_shot_and_reachable_by_the_network_worker():
+    client = SERVICES["client"]
+    assert client["profiles"] and client["restart"] == "no", "`up -d` must not start it"
+    assert argv("client") == ["python", "client_fixed.py"]
+    # `docker compose run` containers get no service alias, only their container name
+    assert client["environment"]["DEMO_HTTP_HOST"] == client["container_name"]
+    assert client["environment"]["DEMO_HTTP_BIND"] == "0.0.0.0"
+
+
+# --- Dockerfile and .dockerignore -----------------------------------------------------------
+def dockerfile():
+    """[instruction, arguments] per step, with continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return [line.split(None, 1) for line in joined.splitlines() if line.strip()]
+
+
+def test_dockerfile_installs_the_pinned_requirements_and_runs_as_a_user():
+    steps = dockerfile()
+    assert steps[0] == ["FROM", f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"]
+    for instruction, rest in steps:
+        if instruction == "COPY":
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), f"COPY {source}: no such file"
+    assert ["RUN", "pip install -r requirements.txt"] in steps
+    users = [rest for instruction, rest in steps if instruction == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the worker must not run as root"
+    assert [i for i, _ in steps].index("USER") > [i for i, _ in steps].index("RUN")
+
+
+def ignored(path, patterns):
+    """Docker's rule, simplified: the last matching pattern decides; a matching folder
+    excludes what is inside it; a pattern starting with **/ matches at any depth."""
+    parts = path.split("/")
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatchcase(part, pattern[3:]) for part in parts)
+        else:
+            hit = any(fnmatch.fnmatchcase("/".join(parts[:i + 1]), pattern)
+                      for i in range(len(parts)))
+        if hit:
+            result = not negate
+    return result
+
+
+def test_dockerignore_keeps_secrets_out_and_the_code_in():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".env", ".venv/bin/python", ".git/HEAD", "tests/__pycache__/x.pyc", ".run/a"):
+        assert ignored(path, patterns), path
+    needed = ["requirements.txt", "tasks.py", "celeryconfig.py", "demos.py", "stack.py",
+              "client_fixed.py"]
+    for path in needed:
+        assert not ignored(path, patterns), path
+
+
+# --- docker compose itself, where the plugin is installed -----------------------------------
+def test_docker_compose_config_accepts_the_file():
+    try:
+        version = subprocess.run(["docker", "compose", "version"], capture_output=True,
+                                 text=True, timeout=30)
+    except FileNotFoundError:
+        version = None
+    if version is None or version.returncode:
+        pytest.skip("the docker client has no compose plugin (`docker compose` unknown)")
+    # `config` only parses and interpolates: it needs no engine
+    done = subprocess.run(["docker", "compose", "--profile", "client", "config", "--services"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")})
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == set(SERVICES)
+
+
+# --- The healthchecks, run for real ---------------------------------------------------------
+LOCAL_SCHEDULE = ("/tmp/celerybeat-schedule", "{tmp}/celerybeat-schedule")
+
+
+def local(parts, tmp_path):
+    """A command of the file as it runs here: beat's schedule in tmp_path instead of /tmp."""
+    return [part.replace(LOCAL_SCHEDULE[0], LOCAL_SCHEDULE[1].format(tmp=tmp_path))
+            for part in parts]
+
+
+def healthy(service, env, tmp_path):
+    """Run a service's healthcheck as Docker would; True when it passes."""
+    test = local(healthcheck_command(service), tmp_path)
+    command = ["sh", "-c", interpolate(test[1])] if test[0] == "CMD-SHELL" else test[1:]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+def test_worker_and_beat_healthchecks_pass_only_while_they_run(rabbit_env, tmp_path):
+    worker, absent = worker_services()["celery"], worker_services()["fast_queue"]
+    # Docker sets HOSTNAME to the container's host name, which is what %h expands to;
+    # `celery` and `python` are this virtualenv's, as they are the image's in a container.
+    env = {**os.environ, **rabbit_env, "HOSTNAME": socket.gethostname(),
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    assert not healthy("beat", env, tmp_path), "no schedule file yet, yet beat is healthy"
+    processes = stack.Processes(tmp_path, env=rabbit_env)
+    try:
+        for service in (worker, "beat"):
+            processes.start(service, [sys.executable, "-m", *local(argv(service), tmp_path)])
+        # wait until the worker answers a ping (a check run earlier would wait its timeout)
+        app = Celery(broker=rabbit_env["CELERY_BROKER_URL"])
+        stack.wait_for_workers(app, [f"default@{socket.gethostname()}"], 40)
+        assert healthy(worker, env, tmp_path), "a running worker fails its healthcheck"
+        deadline = time.monotonic() + 20
+        while not healthy("beat", env, tmp_path):
+            for name, code in processes.exited():
+                pytest.fail(f"{name} exited ({code}):\n{processes.log_tail(name)}")
+            assert time.monotonic() < deadline, "beat not healthy within 20s"
+            time.sleep(0.5)
+        assert not healthy(absent, env, tmp_path), "no fast_queue worker runs, yet it is healthy"
+    finally:
+        processes.stop_all()

@@ -1,0 +1,157 @@
+"""Flower, for real: what it shows of the demo, and its authentication.
+
+    pytest tests/test_flower.py
+
+On a throw-away vhost this starts a worker per queue (as run_demo.py does, with -E), two Flowers
+(one with basic auth, one without any auth) and runs a few demos with client_fixed.py. Then it
+asks Flower's HTTP API what a user would look for on its pages: every worker with its queue,
+and each demo task with its arguments and final state.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from celery import Celery
+
+from conftest import ROOT, require_rabbit
+
+import stack
+
+DEMOS = ("basic", "routing", "canvas", "callbacks")
+USER, PASSWORD = "admin", "flower-test"
+UNAUTHENTICATED_401 = ("FLOWER_UNAUTHENTICATED_API environment variable is required to enable "
+                       "API without authentication")
+FINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+class Flower:
+    def __init__(self, port, auth=None):
+        self.base, self.auth = f"http://127.0.0.1:{port}", auth
+
+    def get(self, path, auth="default", **params):
+        auth = self.auth if auth == "default" else auth
+        return requests.get(self.base + path, params=params, auth=auth, timeout=10)
+
+    def api(self, path, **params):
+        response = self.get(path, **params)
+        response.raise_for_status()
+        return response.json()
+
+
+def eventually(check, what, timeout=30.0):
+    """Call ``check`` until it returns something true; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except requests.RequestException:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout:.0f}s")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def demo_in_flower(tmp_path_factory):
+    """Workers, two Flowers and the demos' tasks; yields (Flower with auth, Flower without, nodes)."""
+    require_rabbit()
+    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
+        env = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+               "CELERY_RESULT_KEYPREFIX": prefix}
+        run_dir = tmp_path_factory.mktemp("flower")
+        processes = stack.Processes(run_dir, env=env)
+        for key in [k for k in processes.env if k.startswith("FLOWER_")]:
+            del processes.env[key]  # a user's FLOWER_* settings must not change what we test
+        try:
+            nodes = stack.start_stack(processes, beat=False, concurrency=1)
+            secured = Flower(stack.free_port(0), auth=(USER, PASSWORD))
+            bare = Flower(stack.free_port(0))
+            for name, flower, extra in (("flower-auth", secured, [f"--basic_auth={USER}:{PASSWORD}"]),
+                                        ("flower-bare", bare, [])):
+                processes.celery(name, "flower", "--address=127.0.0.1",
+                                 f"--port={flower.base.rsplit(':', 1)[1]}", *extra)
+            stack.wait_until_ready(Celery(broker=url), processes, nodes, timeout=60)
+            # Flower only knows of tasks whose events it received: wait until its event
+            # receiver has seen every worker's heartbeat before any task is sent.
+            eventually(lambda: set(nodes) <= set(secured.api("/api/workers", status=1)),
+                       "Flower did not see every worker's events")
+            eventually(lambda: bare.get("/healthcheck").ok, "the second Flower did not answer")
+            results = run_dir / "demos.json"
+            done = subprocess.run(
+                [sys.executable, "client_fixed.py", "--only", ",".join(DEMOS), "--json",
+                 str(results)], cwd=ROOT, env=processes.env, capture_output=True, text=True,
+                timeout=120)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            assert [d["name"] for d in json.loads(results.read_text())["demos"]] == list(DEMOS)
+            yield secured, bare, nodes
+        finally:
+            processes.stop_all()
+
+
+def final_tasks(flower):
+    """Flower's task list once every task in it has reached a final state."""
+    def settled():
+        tasks = flower.api("/api/tasks")
+        return tasks if tasks and all(t["state"] in FINAL for t in tasks.values()) else None
+    return eventually(settled, "tasks still not in a final state in Flower")
+
+
+def test_every_per_queue_worker_appears_with_its_queue(demo_in_flower):
+    flower, _, nodes = demo_in_flower
+    workers = flower.api("/api/workers", refresh=1)  # refresh: Flower inspects them now
+    assert set(nodes) <= set(workers)
+    for node, queue in zip(nodes, stack.WORKER_NAMES):
+        consumed = [q["name"] for q in workers[node]["active_queues"]]
+        assert consumed == [queue], f"{node} consumes {consumed}"
+    alive = flower.api("/api/workers", status=1)
+    assert all(alive[node] for node in nodes), alive
+
+
+def test_demo_tasks_appear_with_arguments_and_final_states(demo_in_flower):
+    flower, _, nodes = demo_in_flower
+    tasks = list(final_tasks(flower).values())
+
+    def find(name, args):
+        found = [t for t in tasks if t["name"] == name and t["args"] == args]
+        assert found, f"no {name}{args} in Flower: {sorted({t['name'] for t in tasks})}"
+        return found[0]
+
+    basic = find("tasks.add", "(2, 3)")
+    assert basic["state"] == "SUCCESS" and basic["result"] == "5"
+    assert basic["worker"] == nodes[0]                       # default@host, queue celery
+    assert find("tasks.fast_task", "('routed',)")["worker"] == nodes[1]
+    failed = find("tasks.important_task", "('fail',)")
+    assert failed["state"] == "FAILURE" and "RuntimeError" in failed["exception"]
+    assert find("tasks.important_task", "('retry',)")["state"] == "SUCCESS"  # after a retry
+    chord_body = [t for t in tasks if t["name"] == "tasks.combine_results"]
+    assert chord_body and all(t["state"] == "SUCCESS" for t in chord_body)
+    names = {t["name"] for t in tasks}
+    assert {"tasks.process_data", "tasks.validate_data", "tasks.save_result",
+            "tasks.slow_task", "tasks.success_callback", "tasks.failure_callback"} <= names
+
+
+def test_basic_auth_guards_pages_and_api_but_not_the_healthcheck(demo_in_flower):
+    flower, _, _ = demo_in_flower
+    for path in ("/", "/api/workers", "/api/tasks"):
+        for auth in (None, (USER, "wrong")):
+            response = flower.get(path, auth=auth)
+            assert response.status_code == 401, f"{path} with {auth}: {response.status_code}"
+        assert flower.get(path).status_code == 200, path
+    assert flower.get("/", auth=None).headers["WWW-Authenticate"] == 'Basic realm="flower"'
+    # docker-compose.yml's healthcheck relies on this one answering without credentials
+    assert flower.get("/healthcheck", auth=None).status_code == 200
+
+
+def test_without_auth_the_pages_work_but_the_api_answers_401(demo_in_flower):
+    _, bare, _ = demo_in_flower
+    assert bare.get("/workers").status_code == 200  # what a user sees in the browser ...
+    response = bare.get("/api/workers")              # ... and what a script gets: the trap
+    assert response.status_code == 401
+    assert response.text == UNAUTHENTICATED_401
