@@ -29,10 +29,19 @@ if broker_url.startswith("filesystem://"):
         "control_folder": os.path.join(_root, "control"),
         "polling_interval": 0.1,  # the default (1 s) adds a second to every hop of a chain
     }
+    # kombu's transport, except that a message file is never seen half-written (see stack.py)
+    broker_transport = "stack:FilesystemTransport"
 
 # memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.
 if broker_url.startswith("memory://"):
     broker_transport_options = {"polling_interval": 0.05}
+
+# RabbitMQ: a publish returns only once the broker confirms it holds the message. Without
+# confirms, a message the broker refuses (bigger than its max_message_size, 128 MiB) is dropped
+# silently and its task stays PENDING forever; with them apply_async raises PRECONDITION_FAILED.
+# The price is publish speed: about 550 instead of 1900 sends/s from one client (measured).
+if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+    broker_transport_options = {"confirm_publish": True}
 
 # --- Serialization: JSON only. Pickle lets whoever can publish a message run code. ----------
 task_serializer = "json"
@@ -83,7 +92,7 @@ result_extended = True             # store name/args with results, so Flower and
 # --- Failing fast when a service is down ------------------------------------------------------
 broker_connection_timeout = 3                # seconds for one TCP connect to the broker
 broker_connection_retry_on_startup = True    # workers wait for a broker that is starting ...
-broker_connection_max_retries = 10           # ... but give up instead of retrying forever
+broker_connection_max_retries = 5            # ... but exit after ~30 s (2+4+6+8+10) of retries
 task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                              "interval_max": 1}  # a client with no broker fails in seconds
 redis_socket_connect_timeout = 3

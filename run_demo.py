@@ -146,18 +146,28 @@ def run(args, run_dir, started):
     client = started["client"] = subprocess.Popen(client_command(args), cwd=HERE, env=os.environ)
     write_pids(run_dir, processes, client)
     code = client.wait()
-    for name, exit_code in processes.exited():
-        console.print(f"[red]{name} exited with code {exit_code} during the demos; the end of "
-                      f"its log:[/]\n{escape(processes.log_tail(name))}")
+    reported = report_exits(processes, set())
     if code:
         say(f"[red]some demos failed[/]; each process's log is in {run_dir}")
     if args.keep_running:
         started["code"] = code  # Ctrl-C is then how the user ends a good run
-        say("the stack keeps running (try `celery -A tasks inspect active_queues` from this "
-            "folder with the same environment); press Ctrl-C to stop it")
+        exports = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("CELERY_")
+                           and "CELERY_FS_ROOT" in env)  # the embedded stack's, not yours
+        say("the stack keeps running; press Ctrl-C to stop it. From another terminal: "
+            f"{'export ' + exports + '; ' if exports else ''}python client.py")
         while True:
             time.sleep(1)
+            reported = report_exits(processes, reported)
     return code
+
+
+def report_exits(processes, reported):
+    """Show the end of the log of each process that stopped on its own (once)."""
+    for name, exit_code in processes.exited():
+        if name not in reported:
+            console.print(f"[red]{name} stopped with exit code {exit_code}; the end of its log:"
+                          f"[/]\n{escape(processes.log_tail(name))}")
+    return {name for name, _ in processes.exited()}
 
 
 def stop(started, interrupted):

@@ -16,6 +16,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +101,55 @@ def embedded_env(run_dir):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return {"CELERY_BROKER_URL": "filesystem://", "CELERY_FS_ROOT": str(root),
             "CELERY_RESULT_BACKEND": f"file://{root / 'results'}"}
+
+
+class _WholeMessageChannel(filesystem.Channel):
+    def get_table(self, exchange):
+        try:
+            with self._exchange_file(exchange).open("rb") as table:
+                filesystem.lock(table, filesystem.LOCK_SH)
+                data = table.read()
+        except FileNotFoundError:
+            return []
+        return [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        # Open without truncating, then lock: two workers binding at the same moment would
+        # otherwise both create the file and one binding (a worker's pidbox) would be lost.
+        path = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT), "r+b") as table:
+            filesystem.lock(table, filesystem.LOCK_EX)  # released when the file is closed
+            data = table.read()
+            entries = [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+            if entry not in entries:
+                table.seek(0)
+                table.truncate()
+                table.write(dumps([entry, *entries]).encode())
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"  # as kombu's
+        final = os.path.join(self.data_folder_out, name)
+        hidden = os.path.join(self.data_folder_out, f".{name}.part")  # readers skip this name
+        try:
+            with open(hidden, "wb") as out:
+                out.write(dumps(payload).encode())
+            os.replace(hidden, final)  # atomic: a reader sees no file or the whole message
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class FilesystemTransport(filesystem.Transport):
+    """kombu's filesystem:// transport, safe with several processes (celeryconfig uses it).
+
+    kombu 5.7 creates a message file and then writes it; a worker that lists the folder in
+    between reads an empty message and stops with ``Unrecoverable error:
+    JSONDecodeError('Expecting value: line 1 column 1 (char 0)')``. Here a message is written
+    under a hidden name and renamed into place, which is atomic; exchange tables (the
+    bindings behind broadcast and ping) are read and updated under a lock.
+    """
+    Channel = _WholeMessageChannel
 
 
 # --- Throw-away RabbitMQ vhosts and Redis key prefixes, for tests and benchmarks -------------

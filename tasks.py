@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @worker_init.connect
 def refuse_to_start_without_result_backend(sender, **kwargs):
-    """Stop a worker whose Redis result backend is down: it would run tasks and lose every result."""
+    """Stop a worker whose Redis result backend is down: it would run tasks, lose every result."""
     url = str(sender.app.conf.result_backend or "")
     if not url.startswith(("redis://", "rediss://")):
         return

@@ -5,7 +5,7 @@
 There is no Docker engine on the machines that run these tests, so the files are read with
 PyYAML and checked for what `docker compose up` relies on. The healthchecks of a worker and of
 beat are then run for real against worker and beat processes on a throw-away vhost, and
-`docker compose config` validates the file where the docker client has the compose plugin.
+`docker compose config` validates the file where docker compose is installed.
 """
 import fnmatch
 import os
@@ -45,7 +45,7 @@ def interpolate(text, env=None):
 
 
 def strings(node):
-    """Every string in the file, with the service it belongs to."""
+    """Every string value in the file."""
     if isinstance(node, dict):
         for value in node.values():
             yield from strings(value)
@@ -250,16 +250,24 @@ def test_dockerignore_keeps_secrets_out_and_the_code_in():
 
 
 # --- docker compose itself, where the plugin is installed -----------------------------------
+def compose_command():
+    """`docker compose` (the plugin), else a standalone `docker-compose`, else None."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        try:
+            version = subprocess.run([*command, "version"], capture_output=True, timeout=30)
+        except FileNotFoundError:
+            continue
+        if version.returncode == 0:
+            return command
+    return None
+
+
 def test_docker_compose_config_accepts_the_file():
-    try:
-        version = subprocess.run(["docker", "compose", "version"], capture_output=True,
-                                 text=True, timeout=30)
-    except FileNotFoundError:
-        version = None
-    if version is None or version.returncode:
+    command = compose_command()
+    if not command:
         pytest.skip("the docker client has no compose plugin (`docker compose` unknown)")
-    # `config` only parses and interpolates: it needs no engine
-    done = subprocess.run(["docker", "compose", "--profile", "client", "config", "--services"],
+    # `config` only parses, validates and interpolates: it needs no engine
+    done = subprocess.run([*command, "--profile", "client", "config", "--services"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")})
     assert done.returncode == 0, done.stderr

@@ -140,12 +140,12 @@ def test_callback_task_hooks_run_in_the_worker(live):
             ("on_success", retried.id)} <= calls
 
 
-def test_beat_sends_the_scheduled_tasks(live):
+def test_beat_schedule_names_real_tasks(live):
+    """That beat fires is the `periodic` demo above; here, that the schedule is sound."""
     schedule = tasks.app.conf.beat_schedule
     assert {entry["task"] for entry in schedule.values()} == {"tasks.check_system",
                                                               "tasks.generate_report"}
-    outcome = demos.run(live.context(), "periodic", 12)
-    assert outcome.ok, outcome.detail
+    assert all(entry["task"] in tasks.app.tasks for entry in schedule.values())
 
 
 def test_a_queue_without_worker_is_named_not_left_pending(live):

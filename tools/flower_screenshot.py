@@ -18,6 +18,7 @@ and stops everything.
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def screenshot(browser, url, out, size, profile):
 
 def main():
     args = parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the cleanup below still stops every process it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     browser = find_browser(args.browser)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,8 @@ def main():
         broker = cleanup.enter_context(stack.throwaway_vhost(base) if isolated
                                        else nullcontext(base))
         prefix = cleanup.enter_context(stack.throwaway_redis_prefix(backend))
-        print(f"broker {stack.mask(broker)}{' (throw-away vhost)' if isolated else ''}", flush=True)
+        where = " (throw-away vhost)" if isolated else ""
+        print(f"broker {stack.mask(broker)}{where}", flush=True)
         env = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend,
                "CELERY_RESULT_KEYPREFIX": prefix}
         processes = stack.Processes(run_dir, env=env)
@@ -106,7 +110,8 @@ def main():
         wait_for(lambda: set(nodes) <= set(requests.get(
             f"{flower}/api/workers", params={"status": 1}, timeout=5).json()),
             "Flower did not see every worker", 60)
-        print(f"workers {', '.join(nodes)} and Flower on {flower}: running demos {DEMOS}", flush=True)
+        print(f"workers {', '.join(nodes)} and Flower on {flower}: running demos {DEMOS}",
+              flush=True)
         subprocess.run([sys.executable, "client_fixed.py", "--only", DEMOS], cwd=ROOT,
                        env=processes.env, check=True, timeout=180)
         wait_for(lambda: all(t["state"] in ("SUCCESS", "FAILURE") for t in requests.get(

@@ -1,0 +1,286 @@
+"""Bad input the demo refuses with a clear error, while its worker keeps serving; and security.
+
+    pytest tests/test_bad_input.py -s    # -s prints the numbers each test measured
+
+One real `celery -A tasks worker` process serves the whole module, on a throw-away vhost that
+it reaches as a throw-away RabbitMQ user with a password (so the tests can check that the
+password never shows). After each refusal, a following `add` proves the worker still serves.
+"""
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+import stack
+from conftest import require_rabbit
+
+HOST = socket.gethostname()
+WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
+UNRESOLVABLE = "amqp://guest:guest@nonexistent.invalid:5672//"  # .invalid never resolves
+
+
+# --- Helpers (test_faults.py has the same few) ------------------------------------------------
+def client_app(env):
+    """A client for the test's vhost that does not depend on the `tasks` module's state."""
+    app = Celery("test-client", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        broker_transport_options={"confirm_publish": True},  # what celeryconfig sets for amqp
+        result_backend_transport_options={"global_keyprefix": env["CELERY_RESULT_KEYPREFIX"],
+                                          "retry_policy": {"timeout": 5.0}})
+    return app
+
+
+def start_worker(procs, name, queues, *extra):
+    return procs.celery(name, "worker", "-Q", queues, "-n", f"{name}@%h", *WORKER_FLAGS, *extra)
+
+
+def wait_for_log(path, text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in Path(path).read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_client(code, env, timeout=60):
+    """Run `python -c code` as a user would, against ``env``; return (process, seconds)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+class Served:
+    def __init__(self, env, app, log, password):
+        self.env, self.app, self.log, self.password = env, app, log, password
+
+    def still_serves(self):
+        assert self.app.send_task("tasks.add", (20, 22)).get(timeout=20) == 42
+
+    def log_text(self):
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One worker for celery, fast_queue and network_queue, connected as its own RabbitMQ user.
+
+    The same as the `rabbit_env` fixture, but for the whole module, plus a user + password.
+    """
+    require_rabbit()
+    user, password = f"celery-demo-{secrets.token_hex(4)}", secrets.token_hex(12)
+    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
+        vhost = urlparse(url).path.lstrip("/")
+        stack.rabbitmqctl("add_user", user, password)
+        try:
+            stack.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            env = {"CELERY_BROKER_URL": f"amqp://{user}:{password}@localhost:5672/{vhost}",
+                   "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+                   "CELERY_RESULT_KEYPREFIX": prefix}
+            procs = stack.Processes(tmp_path_factory.mktemp("bad-input"), env)
+            app = client_app(env)
+            try:
+                start_worker(procs, "serve", "celery,fast_queue,network_queue", "-c", "2")
+                stack.wait_for_workers(app, [f"serve@{HOST}"], 30)
+                yield Served(env, app, procs.run_dir / "serve.log", password)
+            finally:
+                procs.stop_all()
+                app.close()
+                print(f"--- end of serve.log ---\n{stack.tail(procs.run_dir / 'serve.log', 30)}")
+        finally:
+            stack.rabbitmqctl("delete_user", user)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_with_unresolvable_broker(tmp_path_factory):
+    """Started when the module starts: its retries (about 30 s) overlap the other tests."""
+    require_rabbit()  # Redis must answer: the worker checks its result backend first
+    procs = stack.Processes(tmp_path_factory.mktemp("unresolvable"), {
+        "CELERY_BROKER_URL": UNRESOLVABLE, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
+    started, ended = time.monotonic(), []
+    proc = start_worker(procs, "unresolvable", "celery")
+    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
+                     daemon=True).start()
+    try:
+        yield proc, procs.run_dir / "unresolvable.log", lambda: ended[0] - started
+    finally:
+        procs.stop_all()
+
+
+# --- Wrong arguments ----------------------------------------------------------------------------
+def test_add_refuses_what_is_not_a_number(served):
+    result = served.app.send_task("tasks.add", ("a", []))
+    with pytest.raises(TypeError, match=r"add\(\) takes two numbers, got 'a' and \[\]"):
+        result.get(timeout=20)
+    served.still_serves()
+
+
+def test_a_wrong_argument_count_is_refused_before_sending_or_by_the_worker(served):
+    # tasks.add.delay() checks the call against add's signature before anything is sent
+    proc, seconds = run_client("import tasks; tasks.add.delay(1)", served.env)
+    assert proc.returncode != 0
+    assert "TypeError: add() missing 1 required positional argument: 'y'" in proc.stderr
+    # send_task() knows only the name, so the worker finds out, fails the task and goes on
+    result = served.app.send_task("tasks.add", (1,))
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'y'"):
+        result.get(timeout=20)
+    served.still_serves()
+    print(f"\nadd(1): client-side TypeError in {seconds:.1f}s (no message sent); "
+          f"via send_task: FAILURE TypeError from the worker")
+
+
+def test_an_unknown_task_name_is_logged_and_discarded(served):
+    result = served.app.send_task("tasks.no_such_task", (1,))
+    assert wait_for_log(served.log, "Received unregistered task of type 'tasks.no_such_task'", 15)
+    assert "The message has been ignored and discarded." in served.log_text()
+    served.still_serves()
+    # Celery 5.7 also records the failure, so a caller is not left PENDING
+    assert result.state == "FAILURE" and type(result.result).__name__ == "NotRegistered"
+
+
+# --- Bad URLs for fetch_url -------------------------------------------------------------------
+def test_a_malformed_url_fails_at_once_without_retries(served):
+    started = time.monotonic()
+    result = served.app.send_task("tasks.fetch_url", ("not a url",))
+    result.get(timeout=20, propagate=False)
+    seconds = time.monotonic() - started
+    assert result.state == "FAILURE" and "not a url" in str(result.result)
+    assert result.retries == 0
+    served.still_serves()
+    print(f"\nfetch_url('not a url'): FAILURE {type(result.result).__name__} after "
+          f"{result.retries} retries in {seconds:.2f}s")
+
+
+def test_an_unreachable_url_is_retried_three_times_then_fails(served):
+    started = time.monotonic()
+    result = served.app.send_task("tasks.fetch_url", ("http://127.0.0.1:1/",))
+    result.get(timeout=40, propagate=False)  # backoff 1 + 2 + 4 s
+    seconds = time.monotonic() - started
+    assert result.state == "FAILURE" and type(result.result).__name__ == "ConnectionError"
+    assert result.retries == 3
+    served.still_serves()
+    print(f"\nfetch_url('http://127.0.0.1:1/'): FAILURE ConnectionError after "
+          f"{result.retries} retries in {seconds:.1f}s")
+
+
+# --- Payload size -----------------------------------------------------------------------------
+def test_a_few_megabytes_pass_and_more_than_the_broker_allows_is_refused(served):
+    started = time.monotonic()
+    answer = served.app.send_task("tasks.fast_task", ("x" * (5 << 20),)).get(timeout=60)
+    five_mb_s = time.monotonic() - started
+    assert len(answer) == len("fast: ") + (5 << 20)
+
+    # RabbitMQ refuses messages over max_message_size (128 MiB by default). Publisher
+    # confirms (celeryconfig) turn that into an error; without them it is dropped silently.
+    proc, seconds = run_client("import tasks; tasks.fast_task.delay('x' * (129 << 20))",
+                               served.env, timeout=120)
+    assert proc.returncode != 0
+    assert "PRECONDITION_FAILED - message size" in proc.stderr
+    assert "is larger than configured max size 134217728" in proc.stderr
+    served.still_serves()
+    print(f"\npayload: 5 MiB round trip in {five_mb_s:.1f}s; 129 MiB refused by the broker "
+          f"(PRECONDITION_FAILED) in {seconds:.1f}s")
+
+
+# --- Messages the worker must not trust -------------------------------------------------------
+def test_a_pickle_message_is_refused_and_the_worker_goes_on(served):
+    with Connection(served.env["CELERY_BROKER_URL"]) as conn:
+        conn.Producer(serializer="pickle").publish(
+            ((2, 2), {}, {}), exchange=Exchange("celery", "direct"), routing_key="celery",
+            headers={"task": "tasks.add", "id": "pickled-task", "argsrepr": "(2, 2)"})
+    assert wait_for_log(served.log, "ContentDisallowed: Refusing to deserialize untrusted "
+                                    "content of type pickle", 15)
+    served.still_serves()
+
+
+def test_a_queue_declared_with_other_arguments_stops_the_worker_until_deleted(rabbit_env,
+                                                                            tmp_path):
+    """As after running an older version of the demo: `celery` exists without x-max-priority."""
+    vhost = urlparse(rabbit_env["CELERY_BROKER_URL"]).path.lstrip("/")
+    with Connection(rabbit_env["CELERY_BROKER_URL"]) as conn:
+        Queue("celery", Exchange("celery", "direct"), routing_key="celery")(
+            conn.default_channel).declare()
+    procs = stack.Processes(tmp_path, rabbit_env)
+    app = client_app(rabbit_env)
+    try:
+        started = time.monotonic()
+        code = start_worker(procs, "old", "celery").wait(timeout=60)
+        failed_in = time.monotonic() - started
+        log = (tmp_path / "old.log").read_text(errors="replace")
+        assert code != 0
+        assert ("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'celery' in "
+                f"vhost '{vhost}': received the value '10' of type 'signedint' but current is "
+                "none") in log
+
+        # The fix: delete the old queue (its messages go with it), then start again
+        stack.rabbitmqctl("delete_queue", "-p", vhost, "celery")
+        started = time.monotonic()
+        start_worker(procs, "new", "celery")
+        stack.wait_for_workers(app, [f"new@{HOST}"], 30)
+        recovered_in = time.monotonic() - started
+        assert app.send_task("tasks.add", (1, 2)).get(timeout=20) == 3
+    finally:
+        procs.stop_all()
+        app.close()
+    print(f"\ninequivalent queue: worker exit code {code} after {failed_in:.1f}s; after "
+          f"delete_queue a worker was ready in {recovered_in:.1f}s")
+
+
+# --- Bad CELERY_BROKER_URL --------------------------------------------------------------------
+def test_an_unknown_broker_scheme_fails_in_seconds(rabbit_env, tmp_path):
+    env = {**rabbit_env, "CELERY_BROKER_URL": "notascheme://x"}
+    proc, client_s = run_client("import tasks; tasks.add.delay(1, 2)", env)
+    assert proc.returncode != 0
+    assert "KeyError: 'No such transport: notascheme'" in proc.stderr
+    procs = stack.Processes(tmp_path, env)
+    try:
+        started = time.monotonic()
+        code = start_worker(procs, "scheme", "celery").wait(timeout=60)
+        worker_s = time.monotonic() - started
+    finally:
+        procs.stop_all()
+    assert code != 0
+    assert "No such transport: notascheme" in (tmp_path / "scheme.log").read_text()
+    print(f"\nnotascheme://x: client KeyError in {client_s:.1f}s; "
+          f"worker exit code {code} in {worker_s:.1f}s")
+
+
+def test_an_unresolvable_broker_host_fails_in_seconds(rabbit_env,
+                                                      worker_with_unresolvable_broker):
+    proc, client_s = run_client("import tasks; tasks.add.delay(1, 2)",
+                                {**rabbit_env, "CELERY_BROKER_URL": UNRESOLVABLE})
+    assert proc.returncode != 0
+    assert "kombu.exceptions.OperationalError" in proc.stderr  # the resolver's words vary
+
+    worker, log, exited_in = worker_with_unresolvable_broker
+    assert wait_for_log(log, "Cannot connect to amqp://guest:**@nonexistent.invalid:5672//", 15)
+    code = worker.wait(timeout=120)  # broker_connection_max_retries=5: about 30 s
+    assert code != 0 and "Unrecoverable error: OperationalError" in log.read_text()
+    print(f"\nnonexistent.invalid: client OperationalError in {client_s:.1f}s; "
+          f"worker exit code {code} after {exited_in():.1f}s")
+
+
+# --- Security ---------------------------------------------------------------------------------
+def test_the_worker_never_logs_the_broker_password(served):
+    """The banner and every log line show the URL as amqp://user:**@host (python -m
+    celeryconfig masks it too: see test_config.py)."""
+    served.still_serves()
+    log = served.log_text()
+    user = urlparse(served.env["CELERY_BROKER_URL"]).username
+    assert f".> transport:   amqp://{user}:**@localhost:5672/" in log
+    assert f"Connected to amqp://{user}:**@" in log
+    assert served.password not in log

@@ -1,0 +1,295 @@
+"""Faults the demo stack survives: killed workers, dropped connections, missing services.
+
+    pytest tests/test_faults.py -s       # -s prints the numbers each test measured
+
+Every test runs real `celery -A tasks worker` processes on a throw-away RabbitMQ vhost and Redis
+key prefix (the `rabbit_env` fixture), with a client in this process that is configured for
+the same vhost. Logs go to the test's tmp_path; the tail of each is printed when a test fails.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+import demos
+import stack
+from conftest import require_rabbit
+
+HOST = socket.gethostname()
+WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
+NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1//"  # nothing listens on port 1: refused at once
+
+
+# --- Helpers (test_bad_input.py has the same few) ---------------------------------------------
+def client_app(env):
+    """A client for the test's vhost that does not depend on the `tasks` module's state."""
+    app = Celery("test-client", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        broker_transport_options={"confirm_publish": True},  # what celeryconfig sets for amqp
+        result_backend_transport_options={"global_keyprefix": env["CELERY_RESULT_KEYPREFIX"],
+                                          "retry_policy": {"timeout": 5.0}})
+    return app
+
+
+def start_worker(procs, name, queues, *extra):
+    return procs.celery(name, "worker", "-Q", queues, "-n", f"{name}@%h", *WORKER_FLAGS, *extra)
+
+
+def active_on(app, node, timeout=20):
+    """The tasks a worker is running, once it runs at least one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = (app.control.inspect(timeout=0.5, destination=[node]).active() or {}).get(node)
+        if running:
+            return running
+    raise AssertionError(f"{node} ran nothing within {timeout}s")
+
+
+def wait_for_log(path, text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in Path(path).read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_client(code, env, timeout=60):
+    """Run `python -c code` as a user would, against ``env``; return (process, seconds)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+class Cluster:
+    def __init__(self, env, procs, app):
+        self.env, self.procs, self.app = env, procs, app
+        self.vhost = env["CELERY_BROKER_URL"].rsplit("/", 1)[1]
+
+    def queue_counts(self, name):
+        """(ready, unacknowledged) messages of a queue, as RabbitMQ counts them."""
+        out = stack.rabbitmqctl("list_queues", "-p", self.vhost, "name", "messages",
+                                "messages_unacknowledged")
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if fields[0] == name:
+                return int(fields[1]), int(fields[2])
+        raise AssertionError(f"no queue {name!r} in vhost {self.vhost}:\n{out}")
+
+    def add_works(self, node_hint=""):
+        assert self.app.send_task("tasks.add", (20, 22)).get(timeout=20) == 42, node_hint
+
+
+def print_logs_if_failed(request, failed_before, procs):
+    if request.session.testsfailed > failed_before:
+        for name, _, path in procs.started:
+            print(f"--- end of {name}.log ---\n{stack.tail(path, 40)}")
+
+
+@pytest.fixture
+def cluster(rabbit_env, tmp_path, request):
+    procs = stack.Processes(tmp_path, rabbit_env)
+    app = client_app(rabbit_env)
+    failed_before = request.session.testsfailed
+    try:
+        yield Cluster(rabbit_env, procs, app)
+    finally:
+        procs.stop_all()
+        app.close()
+        print_logs_if_failed(request, failed_before, procs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_without_broker(tmp_path_factory):
+    """Started when the module starts: its retries (about 30 s) overlap the other tests."""
+    require_rabbit()  # Redis must answer: the worker checks its result backend first
+    procs = stack.Processes(tmp_path_factory.mktemp("no-broker"), {
+        "CELERY_BROKER_URL": NO_BROKER, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
+    started, ended = time.monotonic(), []
+    proc = start_worker(procs, "nobroker", "celery")
+    # Note when it exits, even if that is before the test looks
+    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
+                     daemon=True).start()
+    try:
+        yield proc, procs.run_dir / "nobroker.log", lambda: ended[0] - started
+    finally:
+        procs.stop_all()
+
+
+# --- A worker killed mid-task -------------------------------------------------------------------
+def test_a_late_ack_task_survives_its_worker_being_killed(cluster):
+    """slow_task has acks_late=True: RabbitMQ hands a dead worker's messages to another worker.
+
+    And reject_on_worker_lost=True: when only the pool child running it dies, the worker puts
+    the message back itself (without it, the task would be marked FAILED with WorkerLostError).
+    """
+    app, sent = cluster.app, 6
+    victim = start_worker(cluster.procs, "slowA", "slow_queue", "-c", "2")
+    start_worker(cluster.procs, "slowB", "slow_queue", "-c", "2")
+    stack.wait_for_workers(app, [f"slowA@{HOST}", f"slowB@{HOST}"], 30)
+
+    results = [app.send_task("tasks.slow_task", (4, 0.5)) for _ in range(sent)]
+    on_victim = {task["id"] for task in active_on(app, f"slowA@{HOST}")}
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole worker: main process and pool children
+    killed_at = time.monotonic()
+
+    # Now kill only the pool child running one of slowB's tasks: the worker survives it
+    child = active_on(app, f"slowB@{HOST}")[0]
+    os.kill(child["worker_pid"], signal.SIGKILL)
+
+    values = [r.get(timeout=60) for r in results]
+    recovered_in = time.monotonic() - killed_at
+    assert all(v["steps"] == 4 for v in values)
+    assert {r.id for r in results if r.worker == f"slowB@{HOST}"} >= on_victim | {child["id"]}
+    assert cluster.queue_counts("slow_queue") == (0, 0)
+    print(f"\nlate ack: sent={sent} completed={len(values)} killed_worker_had={len(on_victim)} "
+          f"killed_child_had=1 all_done_in={recovered_in:.1f}s after the SIGKILL")
+
+
+def test_an_early_ack_task_is_lost_with_its_worker(cluster):
+    """The default (acks_late=False) acknowledges a message when the task starts: a dead
+    pool child is at least reported (WorkerLostError), a dead worker loses the task silently."""
+    app = cluster.app
+    worker = start_worker(cluster.procs, "early", "celery", "-c", "1")
+    stack.wait_for_workers(app, [f"early@{HOST}"], 30)
+
+    # 1. The pool child dies: the worker survives and marks the task FAILURE
+    reported = app.send_task("tasks.priority_task", ("reported", 60))
+    os.kill(active_on(app, f"early@{HOST}")[0]["worker_pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    reported.get(timeout=30, propagate=False)
+    reported_in = time.monotonic() - killed_at
+    assert reported.state == "FAILURE"
+    assert "Worker exited prematurely: signal 9 (SIGKILL)" in str(reported.result)
+    cluster.add_works("the worker goes on after losing a pool child")
+
+    # 2. The whole worker dies: nobody will ever run or report the task
+    lost = app.send_task("tasks.priority_task", ("lost", 60))
+    active_on(app, f"early@{HOST}")
+    os.killpg(worker.pid, signal.SIGKILL)
+    start_worker(cluster.procs, "early2", "celery", "-c", "1")
+    stack.wait_for_workers(app, [f"early2@{HOST}"], 30)
+    cluster.add_works("a new worker serves the queue")  # with -c 1 it would wait behind `lost`
+    assert lost.state == "STARTED" and lost.info["hostname"] == f"early@{HOST}"
+    assert cluster.queue_counts("celery") == (0, 0), "the message was acked, so it is gone"
+    assert not (app.control.inspect(timeout=1, destination=[f"early2@{HOST}"]).active()
+                or {}).get(f"early2@{HOST}")
+    print(f"\nearly ack: sent=2 completed=0 child_kill_reported_as=WorkerLostError "
+          f"in {reported_in:.1f}s; worker_kill_left_state={lost.state} forever, queue empty")
+
+
+# --- The broker connection drops ----------------------------------------------------------------
+def test_workers_and_client_reconnect_after_the_broker_drops_their_connections(cluster):
+    app = cluster.app
+    start_worker(cluster.procs, "drop", "celery,slow_queue", "-c", "2")
+    stack.wait_for_workers(app, [f"drop@{HOST}"], 30)
+    slow = [app.send_task("tasks.slow_task", (6, 0.5)) for _ in range(2)]
+    before = [app.send_task("tasks.add", (i, i)) for i in range(10)]
+    deadline = time.monotonic() + 20
+    while slow[0].state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # Only this test's vhost: other vhosts on the broker belong to someone else
+    listing = stack.rabbitmqctl("list_connections", "pid", "vhost")
+    ours = [line.split("\t")[0] for line in listing.splitlines()
+            if line.split("\t")[1:2] == [cluster.vhost]]
+    assert ours, listing
+    for pid in ours:
+        stack.rabbitmqctl("close_connection", pid, "test: broker connection dropped")
+    dropped_at = time.monotonic()
+
+    after = [app.send_task("tasks.add", (i, 1)) for i in range(10)]  # the client reconnects
+    first_after = after[0].get(timeout=30)
+    recovered_in = time.monotonic() - dropped_at
+    values = [r.get(timeout=30) for r in before + after] + [r.get(timeout=60) for r in slow]
+    total_in = time.monotonic() - dropped_at
+    assert first_after == 1 and len(values) == 22 and all(s.state == "SUCCESS" for s in slow)
+    log = (cluster.procs.run_dir / "drop.log").read_text(errors="replace")
+    assert "Connection to broker lost" in log and "CONNECTION_FORCED" in log
+    print(f"\nconnection drop: connections_closed={len(ours)} sent={len(values)} "
+          f"completed={len(values)} first_task_after_drop_in={recovered_in:.1f}s "
+          f"all_done_in={total_in:.1f}s (running late-ack slow_tasks were restarted)")
+
+
+# --- A worker that stops consuming a queue ------------------------------------------------------
+def test_a_queue_nobody_consumes_is_named_within_the_deadline(cluster):
+    app = cluster.app
+    start_worker(cluster.procs, "net", "network_queue", "-c", "1")
+    stack.wait_for_workers(app, [f"net@{HOST}"], 30)
+    app.control.cancel_consumer("network_queue", destination=[f"net@{HOST}"], reply=True)
+
+    with demos.FlakyServer(failures=0) as server:
+        result = app.send_task("tasks.fetch_url", (server.url,))
+        ctx = demos.Context(app=app, deadline=time.monotonic() + 4)
+        started = time.monotonic()
+        with pytest.raises(demos.DemoFailed) as failed:
+            demos.wait(ctx, result, "network_queue")
+        reported_in = time.monotonic() - started
+        assert f"no worker consumes queue 'network_queue' (workers: net@{HOST})" in str(failed.value)
+        assert "celery -A tasks worker -Q network_queue" in str(failed.value)
+        assert result.state == "PENDING"
+
+        # The message waited in the queue: consuming again delivers it
+        app.control.add_consumer("network_queue", destination=[f"net@{HOST}"], reply=True)
+        assert result.get(timeout=20)["status"] == 200
+    print(f"\nno consumer: sent=1 reported_in={reported_in:.1f}s (deadline 4s), "
+          f"completed=1 after add_consumer")
+
+
+# --- No broker, no result backend ---------------------------------------------------------------
+def test_a_worker_without_broker_says_so_at_once_and_exits(worker_without_broker):
+    proc, log_path, exited_in = worker_without_broker
+    assert wait_for_log(log_path, "Cannot connect to amqp://guest:**@127.0.0.1:1//", 15)
+    code = proc.wait(timeout=90)  # broker_connection_max_retries=5: 2+4+6+8+10 s of retries
+    log = log_path.read_text(errors="replace")
+    assert code != 0 and "Trying again in 2.00 seconds... (1/5)" in log
+    assert "Unrecoverable error: OperationalError('[Errno 111] Connection refused')" in log
+    assert "s3cret" not in log
+    print(f"\nno broker: worker exit code {code} after {exited_in():.1f}s")
+
+
+def test_a_worker_without_result_backend_exits_at_once(rabbit_env, tmp_path):
+    env = {**rabbit_env, "CELERY_RESULT_BACKEND": "redis://:hunter2@127.0.0.1:1/0"}
+    procs = stack.Processes(tmp_path, env)
+    try:
+        started = time.monotonic()
+        code = start_worker(procs, "nobackend", "celery").wait(timeout=60)
+        exited_in = time.monotonic() - started
+    finally:
+        procs.stop_all()
+    log = (tmp_path / "nobackend.log").read_text(errors="replace")
+    assert code != 0
+    assert "cannot reach the result backend at redis://:**@127.0.0.1:1/0" in log
+    assert "hunter2" not in log
+    print(f"\nno result backend: worker exit code {code} after {exited_in:.1f}s")
+
+
+def test_a_client_without_broker_or_backend_fails_in_seconds(rabbit_env):
+    no_broker, broker_s = run_client("import tasks; tasks.add.delay(1, 2)",
+                                     {**rabbit_env, "CELERY_BROKER_URL": NO_BROKER})
+    assert no_broker.returncode != 0
+    assert "kombu.exceptions.OperationalError: [Errno 111] Connection refused" in no_broker.stderr
+    assert "s3cret" not in no_broker.stderr + no_broker.stdout
+
+    # The message reaches the broker (this test's vhost); only the result cannot be read
+    no_backend, backend_s = run_client(
+        "import tasks; tasks.add.delay(1, 2).get(timeout=10)",
+        {**rabbit_env, "CELERY_RESULT_BACKEND": "redis://:hunter2@127.0.0.1:1/0"})
+    assert no_backend.returncode != 0
+    assert "Retry limit exceeded while trying to reconnect to the Celery result store" \
+        in no_backend.stderr
+    assert "hunter2" not in no_backend.stderr + no_backend.stdout
+    print(f"\nclient: no broker -> OperationalError in {broker_s:.1f}s; "
+          f"no result backend -> RuntimeError in {backend_s:.1f}s")

@@ -1,0 +1,122 @@
+"""The READMEs are code: the step-by-step journey runs as written, and both languages agree.
+
+A code block preceded by ``<!-- journey: background NAME -->`` is a terminal left running (a
+worker, beat, Flower); ``<!-- journey: run -->`` blocks are commands that must succeed. The test
+replays them in README order against a throw-away RabbitMQ vhost, as a user would with the
+environment variables the README documents.
+"""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+import stack
+from conftest import ROOT
+
+JOURNEY = re.compile(r"<!-- journey: (background|run)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+NODES = ["default", "fast", "slow", "network"]
+
+
+def read(name):
+    return (ROOT / name).read_text(encoding="utf-8")
+
+
+def journey(text):
+    steps = []
+    for kind, name, body in JOURNEY.findall(text):
+        commands = [line for line in body.replace("\\\n", " ").splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+        steps.append((kind, name, commands))
+    return steps
+
+
+def shell(command, env, timeout=120):
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def wait_until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_readme_journey_runs_as_written(rabbit_env, tmp_path):
+    steps = journey(read("README.md"))
+    names = [name for kind, name, _ in steps if kind == "background"]
+    assert names == ["worker-default", "worker-fast", "worker-slow", "worker-network", "beat",
+                     "flower"]
+    # As a user with the venv activated: `celery` and `python` are the venv's.
+    env = {**os.environ, **rabbit_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    processes = stack.Processes(tmp_path, env)
+    host = os.uname().nodename
+    ready = False
+    try:
+        for kind, name, commands in steps:
+            if kind == "background":
+                for command in commands:
+                    processes.start(name, ["bash", "-c", command])
+                continue
+            if not ready:  # a user waits for the workers' "ready" lines before going on
+                wait_until(lambda: all(f"{n}@{host}: OK" in shell("celery -A tasks inspect ping",
+                                                                   env, 30).stdout for n in NODES),
+                           60, "the four workers to answer a ping")
+                ready = True
+            for command in commands:
+                out = shell(command, env)
+                assert out.returncode == 0, f"`{command}` failed:\n{out.stdout}\n{out.stderr}"
+                if "active_queues" in command:
+                    for queue in ("celery", "fast_queue", "slow_queue", "network_queue"):
+                        assert f"'name': '{queue}'" in out.stdout
+                if "client_fixed.py" in command:
+                    assert "failed" not in out.stdout.lower() or " 0 failed" in out.stdout
+        assert not processes.exited(), processes.exited()
+        # Flower, as the README says: the dashboard lists the four workers.
+        page = requests.get("http://127.0.0.1:5555/workers", timeout=5)
+        assert page.status_code == 200
+        for node in NODES:
+            assert f"{node}@{host}" in page.text
+    finally:
+        processes.stop_all()
+
+
+def structure(text):
+    """Heading levels, code blocks and journey markers: what both languages must share."""
+    blocks = FENCE.findall(text)
+    prose = FENCE.sub("", text)
+    levels = [len(m) for m in re.findall(r"^(#+) ", prose, re.M)]
+    return levels, blocks, re.findall(r"<!-- journey: [^>]*-->", text)
+
+
+def test_both_languages_have_the_same_sections_and_code():
+    en, zh = read("README.md"), read("README.zh-CN.md")
+    en_levels, en_blocks, en_journey = structure(en)
+    zh_levels, zh_blocks, zh_journey = structure(zh)
+    assert en_levels == zh_levels, "the two READMEs have different section structures"
+    assert en_journey == zh_journey
+    assert len(en_blocks) == len(zh_blocks)
+    for number, (a, b) in enumerate(zip(en_blocks, zh_blocks), 1):
+        assert a == b, f"code block {number} differs between README.md and README.zh-CN.md"
+    assert "README.zh-CN.md" in en.split("\n## ")[0] and "README.md" in zh.split("\n## ")[0]
+
+
+def test_readme_quick_start_names_the_commands_that_exist():
+    en = read("README.md")
+    quick = en.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make demo" in quick and "make test" in quick
+    makefile = read("Makefile")
+    assert re.search(r"^demo:.*\n\t.*run_demo\.py", makefile, re.M)
+    assert re.search(r"^test:.*\n\t.*pytest", makefile, re.M)
+    ci = read(".ci/run")
+    assert "make test" in ci
+    for name in re.findall(r"`([\w/.-]+\.(?:py|yml|png|txt))`", en):
+        assert (ROOT / name).exists() or (ROOT / "tests" / name).exists() or "/" not in name \
+            and list(ROOT.glob(f"**/{name}")), f"README mentions {name}, which does not exist"
