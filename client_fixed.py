@@ -7,8 +7,9 @@
 It needs a broker, a result backend, a worker per queue and beat: ``python run_demo.py``
 starts them and then runs this file. "Fixed" because it guards against what makes a naive
 client hang or mislead (see client.py): every wait has a deadline, a task still PENDING at its
-deadline is explained (usually: no worker consumes its queue), an unreachable broker is
-reported in seconds, and the summary table and exit code say what passed.
+deadline is explained (usually: no worker consumes its queue), an unreachable broker or a
+stack without any worker is reported in seconds, and the summary table and exit code say
+what passed.
 """
 import argparse
 import json
@@ -100,6 +101,21 @@ def show_summary(outcomes, notes):
     console.print(f"[bold]{passed} passed, {len(outcomes) - passed} failed[/]")
 
 
+def check_workers(app):
+    """None when some worker answers; warns about each queue that no worker consumes."""
+    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+    if not replies:
+        return ("no worker answers, so every task would stay PENDING. Start the whole stack "
+                "with `python run_demo.py --keep-running`, or a worker per queue, e.g. "
+                f"`{' '.join(stack.worker_command('celery'))}`")
+    consumed = {q["name"] for queues in replies.values() for q in queues}
+    for queue in app.conf.task_queues:
+        if queue.name not in consumed:
+            console.print(f"[yellow]warning:[/] no worker consumes {queue.name!r}; its demos will "
+                          f"fail. Start one: `{' '.join(stack.worker_command(queue.name))}`")
+    return None
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: summary first, then exit
 
@@ -117,6 +133,10 @@ def main():
     except stack.ServiceUnavailable as exc:
         Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
+    problem = check_workers(tasks.app)
+    if problem:
+        Console(stderr=True).print(f"[red]error:[/] {escape(problem)}")
+        return 1
     signal.signal(signal.SIGTERM, interrupt)
     console.print(f"broker {stack.mask(broker)}, results {stack.mask(backend)}: "
                   f"running {len(args.names)} demos")

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from celery import chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
 
 import stack
 import tasks
@@ -73,6 +72,9 @@ def wait(ctx, result, queue, timeout=None, propagate=True):
     try:
         return result.get(timeout=limit, propagate=propagate, interval=0.05)
     except CeleryTimeout:
+        # Stop waiting for it now: Redis results stay subscribed until the task ends, and
+        # unsubscribing at interpreter exit fails ("Exception ignored in AsyncResult.__del__")
+        result.backend.remove_pending_result(result)
         if result.state == "PENDING":
             raise DemoFailed(f"still PENDING after {limit:.0f}s: "
                              f"{why_pending(ctx.app, queue)}") from None

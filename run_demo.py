@@ -1,10 +1,10 @@
 """Start a real multi-process Celery stack, run every demo on it, and stop it all again.
 
-    python run_demo.py                     # about 30 s; exit code 0 when every demo passed
-    python run_demo.py --flower            # also start Flower and print its URL
-    python run_demo.py --broker embedded   # force a stack: auto (default), rabbitmq, docker, embedded
-    python run_demo.py --keep-running      # leave the stack up after the demos, until Ctrl-C
-    python run_demo.py --only canvas,retry # pass a subset (and --timeout, --json) to client_fixed.py
+    python run_demo.py                      # about 30 s; exit code 0 when every demo passed
+    python run_demo.py --flower             # also start Flower and print its URL
+    python run_demo.py --broker embedded    # or auto (default), rabbitmq, docker
+    python run_demo.py --keep-running       # leave the stack up after the demos, until Ctrl-C
+    python run_demo.py --only canvas,retry  # passed to client_fixed.py, as are --timeout, --json
 
 Services, the first that works: (1) the configured broker and result backend
 (CELERY_BROKER_URL, CELERY_RESULT_BACKEND); (2) RabbitMQ and Redis from `docker compose`;
@@ -52,39 +52,42 @@ def say(message):
     console.print(f"[bold cyan]run_demo:[/] {message}")
 
 
-def choose_services(mode, run_dir):
-    """Return (environment for every process, whether we started docker compose)."""
+def choose_services(mode, run_dir, started):
+    """Return the environment for every process; records in ``started`` what it started."""
     broker = os.environ.get("CELERY_BROKER_URL", stack.DEFAULT_BROKER)
     backend = os.environ.get("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
-    configured = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
     where = f"broker {stack.mask(broker)} and result backend {stack.mask(backend)}"
     if mode == "rabbitmq":
-        stack.check_broker(broker)  # raises ServiceUnavailable with a hint
+        stack.check_broker(broker)  # raises ServiceUnavailable: the URL and how to start one
         stack.check_backend(backend)
-    if mode in ("auto", "rabbitmq") and (mode == "rabbitmq" or stack.reachable(broker, backend)):
+    if mode == "rabbitmq" or mode == "auto" and stack.reachable(broker, backend):
         say(f"services: using the configured {where} (both answer)")
-        return configured, False
+        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
     if mode == "auto":
         say(f"the configured {where} do not both answer")
-    if mode in ("auto", "docker"):
-        if stack.docker_engine_available():
-            say("services: starting RabbitMQ and Redis: `docker compose up -d rabbitmq redis`")
-            try:
-                stack.compose_up(broker, backend)
-                return configured, True
-            except stack.ServiceUnavailable as exc:
-                stack.compose_stop()
-                if mode == "docker":
-                    raise
-                say(f"{escape(str(exc))}")
-        elif mode == "docker":
-            raise stack.ServiceUnavailable("no Docker engine answers `docker info`; start Docker, "
-                                           "or use --broker embedded")
-        else:
-            say("no Docker engine answers `docker info`")
+    if mode in ("auto", "docker") and stack.docker_engine_available():
+        # compose's RabbitMQ has a named user: guest may log in only from localhost
+        broker = os.environ.get("CELERY_BROKER_URL", stack.compose_broker_url())
+        running = stack.compose_running()  # someone else's: leave them running at the end
+        started["compose"] = [s for s in stack.COMPOSE_SERVICES if s not in running]
+        say(f"services: `docker compose up -d rabbitmq redis` (already running: "
+            f"{', '.join(sorted(running)) or 'none'}), then broker {stack.mask(broker)} and "
+            f"result backend {stack.mask(backend)}")
+        try:
+            stack.compose_up(broker, backend)
+            return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+        except stack.ServiceUnavailable as exc:
+            if mode == "docker":
+                raise
+            say(escape(str(exc)))
+    elif mode == "docker":
+        raise stack.ServiceUnavailable("no Docker engine answers `docker info`; start Docker, "
+                                       "or use --broker embedded")
+    elif mode == "auto":
+        say("no Docker engine answers `docker info`")
     say("services: embedded stack, nothing to install: kombu filesystem:// transport and "
         "file:// results in the run folder")
-    return stack.embedded_env(run_dir), False
+    return stack.embedded_env(run_dir)
 
 
 def make_run_dir(wanted):
@@ -124,10 +127,10 @@ def on_signal(signum, frame):
 
 def run(args, run_dir, started):
     """Everything between services up and demos done; returns the exit code of client_fixed.py."""
-    env, started["compose"] = choose_services(args.broker, run_dir)
+    env = choose_services(args.broker, run_dir, started)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH"))))
     os.environ.update(env)  # for this process (pings) and every child
-    import tasks  # noqa: E402  imported only now: celeryconfig reads the environment set above
+    import tasks  # only now: celeryconfig reads the environment set just above
     if urlparse(tasks.app.conf.broker_url).scheme not in ("amqp", "pyamqp"):
         say("[yellow]this broker cannot show priority ordering (only RabbitMQ reorders a "
             "queue); every other demo runs[/]")
@@ -184,8 +187,9 @@ def stop(started, interrupted):
         say(f"stopping {len(processes.started)} processes")
         processes.stop_all(grace=8 if interrupted else 15, whole_group=False)
     if started.get("compose"):
-        say("stopping the containers it started: `docker compose stop rabbitmq redis`")
-        stack.compose_stop()
+        services = " ".join(started["compose"])
+        say(f"stopping the containers it started: `docker compose stop {services}`")
+        stack.compose_stop(started["compose"])
     return processes.still_running() if processes else []
 
 
@@ -204,6 +208,9 @@ def main():
         code = 2
     except stack.StackFailed as exc:
         console.print(f"[red]the stack did not start:[/] {escape(str(exc))}")
+        if "PRECONDITION_FAILED" in str(exc):  # a queue left by an older version of the demo
+            say("the queue exists without x-max-priority: delete it (its messages too) with "
+                "`rabbitmqctl delete_queue NAME` (add -p VHOST if not /), then run again")
         code = 1
     except KeyboardInterrupt:
         code = started.get("code", 128 + (received[-1] if received else signal.SIGINT))

@@ -438,6 +438,34 @@ def compose_up(broker, backend, timeout=90.0):
         time.sleep(1)
 
 
-def compose_stop():
-    """`docker compose stop rabbitmq redis`: keeps the containers, so the next start is quick."""
-    return compose("stop", *COMPOSE_SERVICES, timeout=120)
+def compose_stop(services=COMPOSE_SERVICES):
+    """`docker compose stop SERVICES`: keeps the containers, so the next start is quick."""
+    return compose("stop", *services, timeout=120)
+
+
+def compose_running():
+    """The compose services running now (to leave running what someone else started)."""
+    try:
+        done = compose("ps", "--status", "running", "--services", timeout=30)
+    except subprocess.TimeoutExpired:
+        return set()
+    return set(done.stdout.split()) if done.returncode == 0 else set()
+
+
+def compose_broker_url():
+    """The URL of docker-compose.yml's RabbitMQ from this machine: its named user, not guest.
+
+    The user comes from RABBITMQ_DEFAULT_USER/_PASS in the environment or in .env next to the
+    compose file, as docker compose reads them; the defaults are docker-compose.yml's.
+    """
+    settings = {}
+    dotenv = HERE / ".env"
+    if dotenv.exists():
+        for line in dotenv.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.lstrip().startswith("#"):
+                settings[key.strip()] = value.strip().strip("'\"")
+    settings.update(os.environ)
+    user = settings.get("RABBITMQ_DEFAULT_USER", "celery")
+    password = settings.get("RABBITMQ_DEFAULT_PASS", "celery")
+    return f"amqp://{user}:{password}@localhost:5672//"

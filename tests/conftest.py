@@ -5,12 +5,16 @@ RabbitMQ tests skip on a machine without RabbitMQ, Redis or rabbitmqctl, except 
 """
 import functools
 import importlib
-import threading
 import os
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -113,3 +117,42 @@ def _workers(name, app, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"beat-{name}")
     with stack.in_process_workers(app, queues, beat=True, run_dir=run_dir) as workers:
         yield Stack(name, app, workers)
+
+
+# --- Helpers for tests that run real worker processes (test_faults.py, test_bad_input.py) ---
+HOST = socket.gethostname()
+WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
+
+
+def client_app(env):
+    """A client for the test's vhost that does not depend on the `tasks` module's state."""
+    app = Celery("test-client", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        broker_transport_options={"confirm_publish": True},  # what celeryconfig sets for amqp
+        result_backend_transport_options={"global_keyprefix": env["CELERY_RESULT_KEYPREFIX"],
+                                          "retry_policy": {"timeout": 5.0}})
+    return app
+
+
+def start_worker(procs, name, queues, *extra):
+    return procs.celery(name, "worker", "-Q", queues, "-n", f"{name}@%h", *WORKER_FLAGS, *extra)
+
+
+def wait_for_log(path, text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in Path(path).read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_client(code, env, timeout=60):
+    """Run `python -c code` as a user would, against ``env``; return (process, seconds)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started

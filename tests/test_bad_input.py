@@ -6,63 +6,22 @@ One real `celery -A tasks worker` process serves the whole module, on a throw-aw
 it reaches as a throw-away RabbitMQ user with a password (so the tests can check that the
 password never shows). After each refusal, a following `add` proves the worker still serves.
 """
-import os
 import secrets
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from celery import Celery
 from kombu import Connection, Exchange, Queue
 
 import stack
-from conftest import require_rabbit
+from conftest import (HOST, client_app, require_rabbit, run_client, start_worker,
+                      wait_for_log)
 
-HOST = socket.gethostname()
-WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
 UNRESOLVABLE = "amqp://guest:guest@nonexistent.invalid:5672//"  # .invalid never resolves
 
 
-# --- Helpers (test_faults.py has the same few) ------------------------------------------------
-def client_app(env):
-    """A client for the test's vhost that does not depend on the `tasks` module's state."""
-    app = Celery("test-client", set_as_current=False)
-    app.config_from_object("celeryconfig")
-    app.conf.update(
-        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
-        broker_transport_options={"confirm_publish": True},  # what celeryconfig sets for amqp
-        result_backend_transport_options={"global_keyprefix": env["CELERY_RESULT_KEYPREFIX"],
-                                          "retry_policy": {"timeout": 5.0}})
-    return app
-
-
-def start_worker(procs, name, queues, *extra):
-    return procs.celery(name, "worker", "-Q", queues, "-n", f"{name}@%h", *WORKER_FLAGS, *extra)
-
-
-def wait_for_log(path, text, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in Path(path).read_text(errors="replace"):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def run_client(code, env, timeout=60):
-    """Run `python -c code` as a user would, against ``env``; return (process, seconds)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - started
-
-
+# --- Helpers ---------------------------------------------------------------------------------
 class Served:
     def __init__(self, env, app, log, password):
         self.env, self.app, self.log, self.password = env, app, log, password
@@ -75,7 +34,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, request):
     """One worker for celery, fast_queue and network_queue, connected as its own RabbitMQ user.
 
     The same as the `rabbit_env` fixture, but for the whole module, plus a user + password.
@@ -83,15 +42,18 @@ def served(tmp_path_factory):
     require_rabbit()
     user, password = f"celery-demo-{secrets.token_hex(4)}", secrets.token_hex(12)
     with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
-        vhost = urlparse(url).path.lstrip("/")
+        parsed = urlparse(url)
+        vhost = parsed.path.lstrip("/")
         stack.rabbitmqctl("add_user", user, password)
         try:
             stack.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-            env = {"CELERY_BROKER_URL": f"amqp://{user}:{password}@localhost:5672/{vhost}",
+            netloc = f"{user}:{password}@{parsed.hostname}:{parsed.port or 5672}"
+            env = {"CELERY_BROKER_URL": parsed._replace(netloc=netloc).geturl(),
                    "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
                    "CELERY_RESULT_KEYPREFIX": prefix}
             procs = stack.Processes(tmp_path_factory.mktemp("bad-input"), env)
             app = client_app(env)
+            failed_before = request.session.testsfailed
             try:
                 start_worker(procs, "serve", "celery,fast_queue,network_queue", "-c", "2")
                 stack.wait_for_workers(app, [f"serve@{HOST}"], 30)
@@ -99,7 +61,8 @@ def served(tmp_path_factory):
             finally:
                 procs.stop_all()
                 app.close()
-                print(f"--- end of serve.log ---\n{stack.tail(procs.run_dir / 'serve.log', 30)}")
+                if request.session.testsfailed > failed_before:
+                    print(f"--- serve.log ---\n{stack.tail(procs.run_dir / 'serve.log', 40)}")
         finally:
             stack.rabbitmqctl("delete_user", user)
 
@@ -281,6 +244,6 @@ def test_the_worker_never_logs_the_broker_password(served):
     served.still_serves()
     log = served.log_text()
     user = urlparse(served.env["CELERY_BROKER_URL"]).username
-    assert f".> transport:   amqp://{user}:**@localhost:5672/" in log
+    assert f".> transport:   amqp://{user}:**@" in log
     assert f"Connected to amqp://{user}:**@" in log
     assert served.password not in log

@@ -8,8 +8,6 @@ asks Flower's HTTP API what a user would look for on its pages: every worker wit
 and each demo task with its arguments and final state.
 """
 import json
-import os
-import socket
 import subprocess
 import sys
 import time

@@ -1,0 +1,197 @@
+"""run_demo.py end to end, as a user runs it: every demo passes and no process is left behind.
+
+    pytest tests/test_run_demo.py        # about 90 s: two full runs and two interrupted ones
+
+Each run gets its own run folder; run_demo.py writes there the PIDs of what it started (each
+worker, beat and Flower leads its own process group; client_fixed.py shares run_demo's group,
+which the test creates). Afterwards no process may remain in any of those groups: that covers
+the workers' prefork pool children too.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+import demos
+
+SCRIPT = str(ROOT / "run_demo.py")
+DEAD_BROKER = "amqp://guest:secret@127.0.0.1:1//"
+
+
+def clean_env(**extra):
+    """The user's environment without Celery settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "FLOWER_", "DEMO_"))}
+    return {**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
+
+
+def start(args, env, cwd):
+    # A session of its own, like a shell job: its group id is run_demo's PID
+    return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def alive_in_groups(run_dir, run_demo_pid):
+    """PIDs of live (not zombie) processes in any process group this run created."""
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert pids["run_demo"] == run_demo_pid
+    groups = {run_demo_pid, *pids["processes"].values()}
+    alive = []
+    for entry in Path("/proc").iterdir():
+        try:
+            after_name = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        state, pgrp = after_name[0], int(after_name[2])
+        if pgrp in groups and state != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def finish(proc, timeout):
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"run_demo.py still running after {timeout}s:\n{output[-4000:]}")
+    return output
+
+
+def check_full_run(proc, run_dir, results):
+    output = finish(proc, timeout=240)
+    assert proc.returncode == 0, output[-5000:]
+    report = json.loads(results.read_text())
+    assert report["passed"], report
+    assert [d["name"] for d in report["demos"]] == list(demos.DEMOS)
+    failed = [d for d in report["demos"] if not d["ok"]]
+    assert not failed, failed
+    assert "13 passed, 0 failed" in output
+    assert alive_in_groups(run_dir, proc.pid) == []
+    assert "nothing left running" in output
+    names = set(json.loads((run_dir / "pids.json").read_text())["processes"])
+    assert {"worker-default", "worker-fast", "worker-slow", "worker-network", "beat"} <= names
+    return output
+
+
+def test_falls_back_to_the_embedded_stack_and_runs_every_demo(tmp_path):
+    """No reachable broker and no Docker engine: the embedded stack, from another folder."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    docker_calls = tmp_path / "docker-calls"
+    (fake_bin / "docker").write_text(f'#!/bin/sh\necho "$@" >> {docker_calls}\nexit 1\n')
+    (fake_bin / "docker").chmod(0o755)
+    env = clean_env(CELERY_BROKER_URL=DEAD_BROKER,
+                    PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    run_dir, results = tmp_path / "run", tmp_path / "results.json"
+    proc = start(["--run-dir", str(run_dir), "--json", str(results)], env, cwd=tmp_path)
+    output = check_full_run(proc, run_dir, results)
+    assert "amqp://guest:**@127.0.0.1:1//" in output and "secret" not in output
+    assert docker_calls.read_text().split() == ["info"]  # asked, and nothing started
+    assert "services: embedded stack" in output
+    assert "cannot show priority ordering" in output
+    assert (run_dir / "worker-slow.log").exists()
+
+
+def test_runs_every_demo_on_rabbitmq_and_redis_with_flower(rabbit_env, tmp_path):
+    run_dir, results = tmp_path / "run", tmp_path / "results.json"
+    proc = start(["--flower", "--run-dir", str(run_dir), "--json", str(results)],
+                 clean_env(**rabbit_env), cwd=tmp_path)
+    output = check_full_run(proc, run_dir, results)
+    assert "services: using the configured broker amqp://guest:**@localhost:5672/celery-demo-" \
+        in output
+    assert "Flower: http://127.0.0.1:" in output and "not answering" not in output
+    assert "cannot show priority ordering" not in output
+    priority = [d for d in json.loads(results.read_text())["demos"] if d["name"] == "priority"]
+    assert "FIFO" not in priority[0]["detail"]  # RabbitMQ really reordered the queue
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_run_stops_everything_within_seconds(tmp_path, how):
+    run_dir = tmp_path / "run"
+    proc = start(["--broker", "embedded", "--run-dir", str(run_dir)], clean_env(), cwd=tmp_path)
+    lines, demos_running = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("PASS "):
+                demos_running.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert demos_running.wait(90), "".join(lines)[-3000:]
+    if how == "ctrl-c":  # the terminal sends SIGINT to the foreground group: run_demo + client
+        os.killpg(proc.pid, signal.SIGINT)
+    else:                # `kill PID`: run_demo alone, which must stop the client itself
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("run_demo.py did not stop within 40 s of the signal")
+    reader.join(10)
+    output = "".join(lines)
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), output[-3000:]
+    assert "interrupted" in output and "Traceback" not in output
+    assert "nothing left running" in output
+    assert alive_in_groups(run_dir, proc.pid) == []
+
+
+def fake_docker(tmp_path, compose_fails=False, running=()):
+    """A `docker` on PATH that logs its arguments: engine up, compose ok (or failing)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "docker-calls"
+    bin_dir.mkdir()
+    script = f'#!/bin/sh\necho "$@" >> {calls}\n'
+    if compose_fails:
+        script += ('if [ "$1 $2" = "compose up" ]; then echo "Error: port 5672 is already '
+                   'allocated" >&2; exit 1; fi\n')
+    if running:  # what `docker compose ps --status running --services` prints
+        script += f'if [ "$1 $2" = "compose ps" ]; then echo "{chr(10).join(running)}"; fi\n'
+    (bin_dir / "docker").write_text(script + "exit 0\n")
+    (bin_dir / "docker").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls
+
+
+def test_docker_mode_starts_the_compose_services_and_stops_them(rabbit_env, tmp_path):
+    """`docker` is a stand-in here (no engine on CI); the services it 'starts' are RabbitMQ."""
+    path, calls = fake_docker(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = start(["--broker", "docker", "--only", "basic", "--run-dir", str(run_dir)],
+                 clean_env(PATH=path, **rabbit_env), cwd=tmp_path)
+    output = finish(proc, timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert calls.read_text().splitlines() == [
+        "info", "compose ps --status running --services", "compose up -d rabbitmq redis",
+        "compose stop rabbitmq redis"]
+    assert "`docker compose up -d rabbitmq redis`" in output
+    assert alive_in_groups(run_dir, proc.pid) == []
+
+
+def test_docker_mode_reports_a_failing_compose_in_seconds(tmp_path):
+    path, calls = fake_docker(tmp_path, compose_fails=True)
+    proc = start(["--broker", "docker", "--run-dir", str(tmp_path / "run")],
+                 clean_env(PATH=path, CELERY_BROKER_URL=DEAD_BROKER), cwd=tmp_path)
+    output = finish(proc, timeout=60)
+    assert proc.returncode == 2, output
+    assert "Error: port 5672 is already allocated" in output and "Traceback" not in output
+    assert calls.read_text().splitlines()[-1] == "compose stop rabbitmq redis"
+
+
+def test_docker_mode_leaves_running_what_it_did_not_start(tmp_path):
+    """Services someone already runs with compose are used, and not stopped at the end."""
+    path, calls = fake_docker(tmp_path, compose_fails=True, running=("redis",))
+    proc = start(["--broker", "docker", "--run-dir", str(tmp_path / "run")],
+                 clean_env(PATH=path), cwd=tmp_path)
+    output = finish(proc, timeout=60)
+    assert proc.returncode == 2, output
+    assert "already running: redis" in output
+    assert "amqp://celery:**@localhost:5672//" in output  # compose's user, not guest
+    assert calls.read_text().splitlines()[-1] == "compose stop rabbitmq"
