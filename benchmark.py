@@ -72,24 +72,24 @@ def bench_progress(state):
 def make_app(settings=None):
     """The demo's configuration (celeryconfig) with a case's settings on top.
 
-    Two settings are the benchmark's own: ``queue_priority`` (declare the queue with
-    x-max-priority, as the demo does) and ``no_ack`` (consume without acknowledgements).
+    One setting is the benchmark's own: ``queue_priority`` (declare the queue with
+    x-max-priority, as the demo declares its queues).
     """
     settings = dict(settings or {})
     priority = settings.pop("queue_priority", True)
-    no_ack = settings.pop("no_ack", False)
     name = os.environ.get("BENCH_QUEUE", "bench")
     app = Celery("benchmark")
     app.config_from_object("celeryconfig")
     arguments = {"x-max-priority": app.conf.task_queue_max_priority} if priority else None
     app.conf.update(
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name,
-                           queue_arguments=arguments, no_ack=no_ack)],
+                           queue_arguments=arguments)],
         task_default_queue=name, task_default_exchange=name, task_default_routing_key=name,
         task_routes={}, task_annotations=None, beat_schedule={}, **settings)
-    app.task(name="bench.noop")(noop)
-    app.task(name="bench.add")(add)
-    app.task(name="bench.stamp", ignore_result=False)(stamp)  # cold start reads its result
+    # shared=False: other apps in the same process (tests) do not get these tasks
+    app.task(name="bench.noop", shared=False)(noop)
+    app.task(name="bench.add", shared=False)(add)
+    app.task(name="bench.stamp", shared=False, ignore_result=False)(stamp)  # cold start
     return app
 
 
@@ -161,7 +161,7 @@ def all_cases(backend):
         Case("chunks of 1000", "batched", TUNED, send="chunks:1000", share=5),
         Case("dramatiq (RabbitMQ)", "peer", send="dramatiq", note="1 process x 1 thread"),
         Case("huey (Redis)", "peer", send="huey", note="1 thread worker"),
-        Case("rq (Redis)", "peer", send="rq", share=0.25, note="SimpleWorker (no fork per job)"),
+        Case("rq (Redis)", "peer", send="rq", share=0.1, note="SimpleWorker (no fork per job)"),
     ]
 
 
@@ -318,40 +318,47 @@ def sender(app, how):
 
 
 # --- CPU time per process group: where the time goes, robust to a noisy machine --------------
-def cpu_seconds(pgids=(), comms=()):
-    """CPU seconds used so far by processes in these process groups or with these names.
-
-    Counts reaped children too (cutime), so prefork children that were recycled still count.
-    """
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+def processes():
+    """(pid, process group, name, start time, CPU seconds incl. reaped children) of each process."""
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                head, _, rest = f.read().rpartition(")")
-        except OSError:
-            continue
-        fields = rest.split()
-        comm = head.partition("(")[2]
-        if int(fields[2]) in pgids or comm in comms:
-            total += sum(int(x) for x in fields[11:15]) / tick
-    return total
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    head, _, rest = f.read().rpartition(")")
+            except OSError:
+                continue  # it exited meanwhile
+            fields = rest.split()
+            yield (int(entry), int(fields[2]), head.partition("(")[2], int(fields[19]),
+                   sum(int(x) for x in fields[11:15]) / tick)
 
 
-SERVERS = ("beam.smp", "redis-server")  # RabbitMQ and Redis, when they run on this machine
+def servers():
+    """Pids of RabbitMQ and Redis on this machine: the oldest process of each name (rabbitmqctl
+    runs a short-lived Erlang VM with the same name as the server's)."""
+    oldest = {}
+    for pid, _, name, started, _ in processes():
+        if name in ("beam.smp", "redis-server") and started < oldest.get(name, (0, 1e18))[1]:
+            oldest[name] = (pid, started)
+    return {pid for pid, _ in oldest.values()}
+
+
+def cpu_seconds(pgids=(), pids=()):
+    return sum(cpu for pid, group, _, _, cpu in processes() if group in pgids or pid in pids)
 
 
 class CpuMeter:
+    """CPU time per message of this process, the workers (by process group) and the servers."""
+
     def __init__(self, pgids):
         import resource
         self._self = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-        self.pgids = set(pgids)
-        self.start = (self._self(), cpu_seconds(self.pgids), cpu_seconds(comms=SERVERS))
+        self.pgids, self.servers = set(pgids), servers()
+        self.start = (self._self(), cpu_seconds(self.pgids), cpu_seconds(pids=self.servers))
 
     def per_message(self, count):
         """Microseconds of CPU per message for the client, the workers and the servers."""
-        now = (self._self(), cpu_seconds(self.pgids), cpu_seconds(comms=SERVERS))
+        now = (self._self(), cpu_seconds(self.pgids), cpu_seconds(pids=self.servers))
         return {k: round((b - a) * 1e6 / max(count, 1))
                 for k, a, b in zip(("client", "workers", "servers"), self.start, now)}
 
@@ -361,9 +368,9 @@ def measure(run, case, tag, base_count, profile=None):
     """One throughput run of a case: {"rate", "sent", "completed", "cpu_us"}."""
     count = case.count(base_count)
     if case.kind == "broker":
-        return measure_raw(run, case, tag, count)
+        return measure_raw(run, case, tag, count, profile)
     if case.kind == "peer":
-        return PEERS[case.send](run, case, tag, count)
+        return measure_peer(run, case, tag, count)
     bench_app = make_app(case.settings)
     procs, names = run.start(case, tag, profile)
     try:
@@ -430,8 +437,7 @@ def raw_consumer(out, count):
 
     def on_message(message):
         message.decode()  # what any consumer must do with a task message
-        if not queue.no_ack:
-            message.ack()
+        message.ack()     # and what Celery does for each message, even with acks early
         now = time.time()
         state["first"] = state["first"] or now
         state["count"] += 1
@@ -441,7 +447,7 @@ def raw_consumer(out, count):
                     transport_options=app.conf.broker_transport_options) as connection:
         channel = connection.channel()
         channel.basic_qos(0, prefetch, False)
-        with Consumer(channel, [queue], on_message=on_message, no_ack=queue.no_ack):
+        with Consumer(channel, [queue], on_message=on_message):
             open(out + ".ready", "w").close()
             cpu = sum(os.times()[:2])
             deadline = time.monotonic() + 60 + count / 100
@@ -491,7 +497,116 @@ def measure_cold_start(run, case, tag):
         bench_app.close()
 
 
-PEERS = {}  # filled in below: "dramatiq" / "huey" / "rq" -> measure function
+# --- Peers: the same trivial work on Dramatiq, Huey and RQ (pip install -r requirements-bench.txt)
+# Each runs one worker process that counts like noop() and writes its tally to a file now and
+# then and at the last task, which the benchmark reads: no control commands to ask them.
+def peer_noop():
+    noop()
+    count = int(_done[0])
+    if count % 500 == 1 or count == int(os.environ.get("BENCH_PEER_COUNT", 0)):
+        tally = os.environ["BENCH_TALLY"]
+        with open(tally + ".tmp", "w") as f:
+            json.dump({"count": count, "first": _done[1], "last": _done[2]}, f)
+        os.replace(tally + ".tmp", tally)
+
+
+def peer_name():
+    return os.environ["BENCH_QUEUE"] + "-peer"  # contains the run's token: easy to clean up
+
+
+def dramatiq_actor():
+    import dramatiq
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+    dramatiq.set_broker(RabbitmqBroker(url=os.environ["CELERY_BROKER_URL"]))
+    return dramatiq.actor(peer_noop, actor_name="peer_noop", queue_name=peer_name())
+
+
+def huey_app():
+    from huey import RedisHuey
+    return RedisHuey(peer_name(), url=os.environ["CELERY_RESULT_BACKEND"], results=False)
+
+
+if os.environ.get("BENCH_PEER") == "dramatiq":  # `dramatiq benchmark` imports this module
+    peer_actor = dramatiq_actor()
+elif os.environ.get("BENCH_PEER") == "huey":  # `huey_consumer benchmark.huey`
+    huey = huey_app()
+    huey.task()(peer_noop)
+
+PEER_WORKERS = {
+    "dramatiq": ["-m", "dramatiq", "benchmark", "--processes", "1", "--threads", "1"],
+    "huey": ["-m", "huey.bin.huey_consumer", "benchmark.huey", "-w", "1", "-k", "thread"],
+    "rq": ["-m", "rq.cli", "worker", "--worker-class", "rq.worker.SimpleWorker", "--quiet"],
+}
+
+
+def peer_missing(name, broker, backend, vhost):
+    import importlib.util
+    for module in {"dramatiq": ("dramatiq", "pika"), "huey": ("huey",), "rq": ("rq",)}[name]:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -r requirements-bench.txt)"
+    if name == "dramatiq" and not vhost:
+        return "needs RabbitMQ with a throw-away vhost (rabbitmqctl)"
+    if name != "dramatiq" and not backend.startswith("redis://"):
+        return "needs Redis (CELERY_RESULT_BACKEND=redis://...)"
+    return None
+
+
+def measure_peer(run, case, tag, count):
+    import stack
+    name, tally = case.send, os.path.join(run.run_dir, f"{tag}.tally")
+    env = {"BENCH_PEER": name, "BENCH_PEER_COUNT": str(count + 1), "BENCH_TALLY": tally}
+    argv = [sys.executable, *PEER_WORKERS[name]]
+    if name == "rq":
+        argv += ["--url", os.environ["CELERY_RESULT_BACKEND"], "--name", peer_name(), peer_name()]
+    procs = stack.Processes(run.run_dir, env=env)
+    run.worker_pids.append(procs.start(tag, argv).pid)
+    send, close = peer_sender(name)
+    try:
+        send(1)  # these workers tell nobody they are ready: wait for a first job instead
+        wait_tally(tally, 1, procs, 30 * run.deadline_factor)
+        cpu = CpuMeter(procs.pids())
+        started = time.time()
+        send(count)
+        done = wait_tally(tally, count + 1, procs, (30 + count / 100) * run.deadline_factor)
+        return {"rate": (done["count"] - 1) / (done["last"] - started) if done["count"] > 1
+                else 0.0, "sent": count, "completed": max(0, done["count"] - 1),
+                "cpu_us": cpu.per_message(count)}
+    finally:
+        procs.stop_all(grace=10)
+        close()
+
+
+def wait_tally(path, expected, procs, timeout):
+    deadline = time.monotonic() + timeout
+    done = {"count": 0, "last": 0.0}
+    while done["count"] < expected and time.monotonic() < deadline:
+        check_alive(procs)
+        time.sleep(0.02)
+        try:
+            with open(path) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            pass
+    return done
+
+
+def peer_sender(name):
+    """(send(count), close()) for a peer: its own way of enqueueing the same trivial job."""
+    if name == "dramatiq":
+        actor = dramatiq_actor()
+        return (lambda count: [actor.send() for _ in range(count)]), actor.broker.close
+    if name == "huey":
+        # The worker knows the task as benchmark.peer_noop, also when this file runs as __main__
+        from benchmark import peer_noop as job
+        task = huey_app().task()(job)
+        return (lambda count: [task() for _ in range(count)]), lambda: None
+    import itertools
+    from redis import Redis
+    from rq import Queue as RQueue
+    queue = RQueue(peer_name(), connection=Redis.from_url(os.environ["CELERY_RESULT_BACKEND"]))
+    ids = (f"{peer_name()}-{i}" for i in itertools.count())
+    return ((lambda count: [queue.enqueue("benchmark.peer_noop", result_ttl=0, job_id=next(ids))
+                            for _ in range(count)]), queue.connection.close)
 
 
 # --- Summaries, the table and the JSON ---------------------------------------------------------
@@ -510,11 +625,13 @@ def summarize(case, runs):
     rates = [r["rate"] for r in runs]
     cpu = {k: median([r["cpu_us"][k] for r in runs if r.get("cpu_us")] or [0])
            for k in ("client", "workers", "servers")}
-    return {"name": case.name, "kind": case.kind, "min": min(rates), "median": median(rates),
-            "max": max(rates), "runs": [round(x, 1) for x in rates],
+    return {"name": case.name, "kind": case.kind, "min": round(min(rates), 1),
+            "median": round(median(rates), 1), "max": round(max(rates), 1),
+            "runs": [round(x, 1) for x in rates],
             "sent": sum(r["sent"] for r in runs), "completed": sum(r["completed"] for r in runs),
             "cpu_us": cpu, "note": case.note, "settings": case.settings,
-            "worker": {k: (list(v) if isinstance(v, tuple) else v) for k, v in case.worker.items()},
+            "worker": None if case.kind == "peer" else
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in case.worker.items()},
             "errors": [r["error"] for r in runs if r.get("error")]}
 
 
@@ -524,7 +641,9 @@ def evaluate(report):
     best = {kind: max((c for c in report["cases"] if c["kind"] == kind),
                       key=lambda c: c["median"], default=None)
             for kind in ("per_message", "batched")}
-    cold = min(report["cold_start_s"].items(), key=lambda kv: kv[1], default=(None, None))
+    # the celery command is how workers are started; app.Worker() is shown, not judged
+    cold = min(((k, v) for k, v in report["cold_start_s"].items() if "app.Worker" not in k),
+               key=lambda kv: kv[1], default=(None, None))
     p50 = report["latency_ms"].get("p50")
     rows = [
         ("tuned per-message >= 0.5x broker limit", best["per_message"], 0.5, "ratio"),
@@ -630,9 +749,21 @@ def isolate(args, cleanup, token):
         prefix = cleanup.enter_context(
             stack.throwaway_redis_prefix(backend, prefix=f"celery-bench-{token}"))
         os.environ["CELERY_RESULT_KEYPREFIX"] = where["redis_prefix"] = prefix
+        cleanup.callback(delete_redis_keys, backend, f"*{token}*")  # Huey's and RQ's keys
     else:
         os.environ.pop("CELERY_RESULT_KEYPREFIX", None)
     return where
+
+
+def delete_redis_keys(url, pattern):
+    import redis
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    for key in client.scan_iter(match=pattern, count=1000):
+        client.delete(key)
+    for registry in (b"rq:workers", b"rq:queues"):  # RQ's sets name our worker and queue
+        members = [m for m in client.smembers(registry) if pattern.strip("*").encode() in m]
+        if members:
+            client.srem(registry, *members)
 
 
 def delete_queue():
@@ -720,7 +851,8 @@ def main(argv=None):
         for case in all_cases(backend):
             if not re.search(args.only, case.name):
                 continue
-            missing = case.kind == "peer" and peer_missing(case.send, broker, backend)
+            missing = case.kind == "peer" and peer_missing(case.send, broker, backend,
+                                                           where["vhost"])
             if missing:
                 notes.append(f"{case.name} skipped: {missing}")
             else:
@@ -752,7 +884,7 @@ def main(argv=None):
                     cold[case.name].append(measure_cold_start(run, case, f"r{rnd}s{i}"))
                 except Exception as exc:
                     errors.append(f"cold start {case.name}: {type(exc).__name__}: {exc}")
-                console.print(f"round {rnd + 1}/{args.repeat}  latency p50 "
+            console.print(f"round {rnd + 1}/{args.repeat}  latency p50 "
                           + ", ".join(f"{k} {median(v):.2f} ms" for k, v in latency.items() if v)
                           + "; cold start " + ", ".join(f"{k} {v[-1]:.2f} s"
                                                         for k, v in cold.items() if v))
@@ -776,8 +908,9 @@ def main(argv=None):
                           | {"case": recommended.get("name")},
             "latency": latency_rows,
             "cold_start_s": {name: round(median(v), 3) for name, v in cold.items() if v},
-            "cold_start": [{"name": name, "min": min(v), "median": median(v), "max": max(v),
-                            "runs": [round(x, 3) for x in v]} for name, v in cold.items() if v],
+            "cold_start": [{"name": name, "min": round(min(v), 3), "median": round(median(v), 3),
+                            "max": round(max(v), 3), "runs": [round(x, 3) for x in v]}
+                           for name, v in cold.items() if v],
             "errors": errors,
             "notes": notes,
             "cleanup": {**where, "worker_pids": run.worker_pids},
@@ -795,12 +928,58 @@ def main(argv=None):
     return 1 if failed else 0
 
 
-def peer_missing(name, broker, backend):
-    return "not implemented yet"
-
-
 def profile(run, count, console):
-    raise NotImplementedError
+    """The raw consumer and a tuned worker, each under cProfile: where a message's time goes."""
+    import pstats
+    from rich.table import Table
+    cases = {c.name: c for c in all_cases("")}
+    compared = {"raw kombu consumer": cases["broker: raw kombu, transient"],
+                "tuned Celery worker": cases["tuned"]}
+    areas, top = {}, []
+    for i, (label, case) in enumerate(compared.items()):
+        path = os.path.join(run.run_dir, f"profile-{i}.prof")
+        result = measure(run, case, f"p{i}", count, profile=path)
+        console.print(f"{label}: {result['rate']:,.0f} msg/s under cProfile, "
+                      f"{result['completed']}/{result['sent']}")
+        stats = pstats.Stats(path).stats  # {(file, line, function): (cc, nc, tottime, cumtime, _)}
+        for (filename, line, function), (_, calls, tottime, _, _) in stats.items():
+            where = area(filename, function)
+            areas.setdefault(where, {}).setdefault(label, 0.0)
+            areas[where][label] += tottime * 1e6 / count
+            if label.startswith("tuned"):
+                top.append((tottime * 1e6 / count, calls / count,
+                            f"{function} ({filename.split('site-packages/')[-1]}:{line})"))
+    table = Table(title=f"CPU per message by area, microseconds under cProfile ({count} messages; "
+                        "the profiler inflates everything, compare the columns)",
+                  title_justify="left")
+    table.add_column("area")
+    for label in compared:
+        table.add_column(label, justify="right")
+    for where, by_label in sorted(areas.items(), key=lambda kv: -max(kv[1].values())):
+        table.add_row(where, *(f"{by_label.get(label, 0):.1f}" for label in compared))
+    console.print(table)
+    functions = Table(title="The tuned worker's 15 most expensive functions", title_justify="left")
+    for col in ("us/msg", "calls/msg", "function"):
+        functions.add_column(col)
+    for us, calls, name in sorted(top, reverse=True)[:15]:
+        functions.add_row(f"{us:.1f}", f"{calls:.1f}", name)
+    console.print(functions)
+    return 0
+
+
+def area(filename, function):
+    """Which part of the stack a profiled function belongs to."""
+    if filename == "~":  # built-in functions: name the system calls
+        if "poll" in function or "select" in function:
+            return "idle: waiting in poll (not per message)"
+        return "socket send/recv" if "socket" in function else "builtins (C)"
+    if "importlib" in filename:
+        return "start-up: imports (not per message)"
+    for package in ("amqp", "kombu", "vine", "billiard", "celery/worker", "celery/app",
+                    "celery/concurrency", "celery", "json", "click"):
+        if f"/{package}/" in filename:
+            return package.replace("/", ".")
+    return "other (stdlib, benchmark.py)"
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def main():
     try:
         walk_through()
     except CeleryTimeout as exc:
-        print(f"\ntimed out: {exc or 'no result in time'}. Is a worker running for every queue, "
-              f"and beat? `python client_fixed.py` says which queue has none.", file=sys.stderr)
+        print(f"\nno result in time ({str(exc).rstrip('.')}). Is a worker running for every queue? "
+              "`python client_fixed.py` says which queue has none.", file=sys.stderr)
+        stack.forget_pending_results(tasks.app)  # the task may still run; we stop waiting
         return 1
     print("\nDone: every step finished.")
     return 0

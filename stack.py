@@ -388,6 +388,19 @@ def wait_until_ready(app, processes, nodes, timeout=30.0):
         missing -= {name for reply in replies for name in reply}
 
 
+def forget_pending_results(app):
+    """Stop waiting for results whose get() timed out, while the interpreter is still whole.
+
+    A Redis result backend keeps each of them subscribed until its task ends; left to the
+    interpreter's exit, unsubscribing prints "Exception ignored in: <function
+    AsyncResult.__del__ ...> ImportError: sys.meta_path is None, Python is likely shutting down".
+    """
+    for mapping in getattr(app.backend, "_pending_results", ()):  # only async backends
+        for waiters in list(mapping.values()):
+            for result in list(waiters.values()):
+                app.backend.remove_pending_result(result)
+
+
 def wait_for_port(host, port, timeout):
     """True once something accepts TCP connections on host:port (Flower), False at timeout."""
     deadline = time.monotonic() + timeout

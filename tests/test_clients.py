@@ -95,6 +95,7 @@ def test_a_queue_without_worker_is_named_instead_of_a_hang(rabbit_env, tmp_path)
     assert "no worker consumes queue 'network_queue'" in output  # the user sees it too
     assert "1 passed, 1 failed" in output
     assert "warning: no worker consumes 'network_queue'" in output  # said before any demo
+    assert "Traceback" not in output  # not even at exit, for the result still awaited
 
 
 def test_client_walk_through_runs_to_the_end(rabbit_env, tmp_path):
