@@ -192,17 +192,23 @@ class Run:
         self.worker_pids = []
         self.deadline_factor = deadline_factor  # the filesystem stack is far slower
 
+    def use_queue(self, tag):
+        """Give each case its own queue: nothing one case leaves behind can count for another."""
+        os.environ["BENCH_QUEUE"] = f"{self.queue}-{tag}"  # make_app() and the workers read it
+        return os.environ["BENCH_QUEUE"]
+
     def start(self, case, tag, profile=None):
         """Start the case's worker processes; return (Processes, node names)."""
         import stack
-        env = {"BENCH_SETTINGS": json.dumps(case.settings), "BENCH_QUEUE": self.queue}
+        env = {"BENCH_SETTINGS": json.dumps(case.settings)}
         procs = stack.Processes(self.run_dir, env=env)
         names = []
         for i in range(case.workers):
             name = f"{self.token}-{tag}-{i}@{self.host}"
             w = case.worker
-            options = ["-Q", self.queue, "-n", name, "-l", w["loglevel"], "-P", w["pool"],
-                       *w["flags"], *(["-c", str(w["concurrency"])] if w["concurrency"] else [])]
+            options = ["-Q", os.environ["BENCH_QUEUE"], "-n", name, "-l", w["loglevel"],
+                       "-P", w["pool"], *w["flags"],
+                       *(["-c", str(w["concurrency"])] if w["concurrency"] else [])]
             if w.get("cli", True):
                 argv = [sys.executable, "-m", "celery", "-A", "benchmark", "worker", *options]
             else:  # app.Worker() directly: the celery command imports every CLI plugin first
@@ -367,6 +373,7 @@ class CpuMeter:
 def measure(run, case, tag, base_count, profile=None):
     """One throughput run of a case: {"rate", "sent", "completed", "cpu_us"}."""
     count = case.count(base_count)
+    run.use_queue(tag)
     if case.kind == "broker":
         return measure_raw(run, case, tag, count, profile)
     if case.kind == "peer":
@@ -381,11 +388,15 @@ def measure(run, case, tag, base_count, profile=None):
             send(count)
             done, last = wait_done(bench_app, names, procs, count,
                                    timeout=(30 + count / 200) * run.deadline_factor)
-        return {"rate": done / (last - started) if done else 0.0, "sent": count,
-                "completed": done, "cpu_us": cpu.per_message(count)}
+        result = {"rate": done / (last - started) if done else 0.0, "sent": count,
+                  "completed": done, "cpu_us": cpu.per_message(count)}
     finally:
         run.stop(bench_app, names, procs)
+        left = remove_queue(bench_app)
         bench_app.close()
+    if left:  # a message run twice, or one that never ran, would show here
+        result["error"] = f"{left} messages left in the queue"
+    return result
 
 
 def measure_raw(run, case, tag, count, profile=None):
@@ -393,8 +404,7 @@ def measure_raw(run, case, tag, count, profile=None):
     import stack
     bench_app = make_app(case.settings)
     out = os.path.join(run.run_dir, f"{tag}.json")
-    procs = stack.Processes(run.run_dir, env={"BENCH_SETTINGS": json.dumps(case.settings),
-                                              "BENCH_QUEUE": run.queue})
+    procs = stack.Processes(run.run_dir, env={"BENCH_SETTINGS": json.dumps(case.settings)})
     argv = [sys.executable, __file__, "--raw-consumer", out, "--count", str(count)]
     if profile:
         argv[1:1] = ["-m", "cProfile", "-o", profile]
@@ -424,6 +434,7 @@ def measure_raw(run, case, tag, count, profile=None):
                 "completed": done, "cpu_us": cpu_us}
     finally:
         procs.stop_all(grace=5)
+        remove_queue(bench_app)
         bench_app.close()
 
 
@@ -463,6 +474,7 @@ def raw_consumer(out, count):
 
 def measure_latency(run, case, tag, samples):
     """Round trips of add.delay(2, 2).get(timeout=...), one at a time, in milliseconds."""
+    run.use_queue(tag)
     bench_app = make_app(case.settings)
     procs, names = run.start(case, tag)
     add_task = bench_app.tasks["bench.add"]
@@ -479,11 +491,13 @@ def measure_latency(run, case, tag, samples):
         return times
     finally:
         run.stop(bench_app, names, procs)
+        remove_queue(bench_app)
         bench_app.close()
 
 
 def measure_cold_start(run, case, tag):
     """Seconds from launching a worker to the end of its first task (already queued)."""
+    run.use_queue(tag)
     bench_app = make_app(case.settings)
     with bench_app.connection_for_write() as connection:
         bench_queue(bench_app)(connection.default_channel).declare()
@@ -494,6 +508,7 @@ def measure_cold_start(run, case, tag):
         return result.get(timeout=60 * run.deadline_factor, interval=0.01) - launched
     finally:
         run.stop(bench_app, names, procs)
+        remove_queue(bench_app)
         bench_app.close()
 
 
@@ -738,13 +753,11 @@ def isolate(args, cleanup, token):
     stack.check_broker(broker)
     stack.check_backend(backend)
     where = {"queue": f"bench-{token}", "vhost": None, "redis_prefix": None, "token": token}
-    os.environ["BENCH_QUEUE"] = where["queue"]
     if broker.startswith(("amqp://", "pyamqp://")) and stack.rabbitmqctl_usable():
         url = cleanup.enter_context(stack.throwaway_vhost(broker, prefix=f"celery-bench-{token}"))
         os.environ["CELERY_BROKER_URL"] = url
         where["vhost"] = urlparse(url).path[1:]
-    else:  # a shared vhost or another broker: a unique queue, deleted at the end
-        cleanup.callback(delete_queue)
+    # otherwise a shared vhost or another broker: every case's queue is deleted after it
     if backend.startswith(("redis://", "rediss://")):
         prefix = cleanup.enter_context(
             stack.throwaway_redis_prefix(backend, prefix=f"celery-bench-{token}"))
@@ -766,15 +779,17 @@ def delete_redis_keys(url, pattern):
             client.srem(registry, *members)
 
 
-def delete_queue():
-    bench_app = make_app(TUNED)
+def remove_queue(bench_app):
+    """Delete the case's queue and exchange; return how many messages were still in it."""
     try:
         with bench_app.connection_for_write() as connection:
             queue = bench_queue(bench_app)(connection.default_channel)
+            left = queue.queue_declare(passive=True).message_count
             queue.delete()
             queue.exchange.delete()
-    finally:
-        bench_app.close()
+            return left
+    except Exception:  # never declared (the case failed early): nothing to delete
+        return 0
 
 
 def parse_args(argv):
@@ -827,6 +842,9 @@ def main(argv=None):
     if args.raw_consumer:
         return raw_consumer(args.raw_consumer, args.count)
     import re
+    import signal
+    # `kill` (SIGTERM) unwinds like Ctrl-C: workers stopped, vhost and keys removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import shutil
     import tempfile
     import uuid

@@ -185,7 +185,7 @@ def stop(started, interrupted):
             client.wait(timeout=5)
     if processes:
         say(f"stopping {len(processes.started)} processes")
-        processes.stop_all(grace=8 if interrupted else 15, whole_group=False)
+        processes.stop_all(grace=8 if interrupted else 15)
     if started.get("compose"):
         services = " ".join(started["compose"])
         say(f"stopping the containers it started: `docker compose stop {services}`")

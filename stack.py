@@ -297,19 +297,18 @@ class Processes:
     def log_tail(self, name, lines=20):
         return tail(self.run_dir / f"{name}.log", lines)
 
-    def stop_all(self, grace=10.0, whole_group=True):
-        """SIGTERM each process group (warm shutdown), then SIGKILL what is left after ``grace``.
+    def stop_all(self, grace=10.0):
+        """SIGTERM each process (warm shutdown), then SIGKILL its whole group after ``grace``.
 
-        ``whole_group=False`` sends the SIGTERM to each group's leader only: a prefork worker
-        then stops its own pool children, as a warm shutdown should (its children, when they
-        get the SIGTERM directly, die mid-shutdown and can stall the worker until SIGKILL).
+        The SIGTERM goes to the process we started only: a prefork worker then stops its own
+        pool children, as a warm shutdown should (children that get the SIGTERM directly die
+        mid-shutdown and can stall the worker until SIGKILL). The SIGKILL of the group then
+        ends anything left, grandchildren included.
         """
         with self._lock:
             started = list(self.started)
         for _, proc, _ in started:
-            if whole_group:
-                _signal_group(proc, signal.SIGTERM)
-            elif proc.poll() is None:
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc, _ in started:

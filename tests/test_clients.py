@@ -39,7 +39,7 @@ def workers(env, run_dir, queues):
         stack.wait_until_ready(Celery(broker=env["CELERY_BROKER_URL"]), processes, nodes, 60)
         yield processes
     finally:
-        processes.stop_all(whole_group=False)
+        processes.stop_all()
         assert processes.still_running() == []
 
 
