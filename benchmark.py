@@ -1,10 +1,10 @@
-"""Measure Celery on this machine next to the broker's own limit: the numbers behind the tuning advice.
+"""Measure Celery on this machine next to the broker's own limit: the numbers behind the tuning.
 
-    python benchmark.py --quick                        # every measurement once, small counts (< 1 min)
-    python benchmark.py --repeat 3 --json bench.json   # the README's table (about 10 minutes)
-    python benchmark.py --embedded --quick             # the pure-Python filesystem stack, no servers
-    python benchmark.py --profile                      # where a tuned worker's time goes (cProfile)
-    python benchmark.py --only 'tuned|broker'          # a subset (a regular expression on case names)
+    python benchmark.py --quick                       # the main cases once, small counts (< 1 min)
+    python benchmark.py --repeat 3 --json bench.json  # the README's table (about 10 minutes)
+    python benchmark.py --embedded --quick            # the pure-Python filesystem stack, no servers
+    python benchmark.py --profile                     # where a tuned worker's time goes (cProfile)
+    python benchmark.py --only 'tuned|broker'         # a subset (a regular expression on names)
 
 It runs against the configured broker and result backend (celeryconfig: RabbitMQ + Redis unless
 CELERY_BROKER_URL / CELERY_RESULT_BACKEND say otherwise), on a throw-away vhost and Redis key
@@ -72,11 +72,13 @@ def bench_progress(state):
 def make_app(settings=None):
     """The demo's configuration (celeryconfig) with a case's settings on top.
 
-    One setting is the benchmark's own: ``queue_priority`` (declare the queue with
-    x-max-priority, as the demo declares its queues).
+    Two settings are the benchmark's own: ``queue_priority`` (declare the queue with
+    x-max-priority, as the demo declares its queues) and ``publisher_confirms`` (False turns
+    off the RabbitMQ publisher confirms that celeryconfig asks for).
     """
     settings = dict(settings or {})
     priority = settings.pop("queue_priority", True)
+    confirms = settings.pop("publisher_confirms", True)
     name = os.environ.get("BENCH_QUEUE", "bench")
     app = Celery("benchmark")
     app.config_from_object("celeryconfig")
@@ -86,6 +88,9 @@ def make_app(settings=None):
                            queue_arguments=arguments)],
         task_default_queue=name, task_default_exchange=name, task_default_routing_key=name,
         task_routes={}, task_annotations=None, beat_schedule={}, **settings)
+    if not confirms and "confirm_publish" in (app.conf.broker_transport_options or {}):
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                             "confirm_publish": False}
     # shared=False: other apps in the same process (tests) do not get these tasks
     app.task(name="bench.noop", shared=False)(noop)
     app.task(name="bench.add", shared=False)(add)
@@ -108,6 +113,7 @@ TUNED = {
     "task_track_started": False,         # no STARTED write to the result backend
     "worker_disable_rate_limits": True,  # skip the rate-limit bookkeeping per message
     "queue_priority": False,             # a plain queue: x-max-priority queues are slower
+    "publisher_confirms": False,         # publish without waiting for RabbitMQ's confirmation
 }
 LEAN = ("--without-mingle", "--without-gossip", "--without-heartbeat")
 DEMO_WORKER = dict(pool="prefork", concurrency=None, loglevel="INFO", flags=())
@@ -118,8 +124,8 @@ class Case:
     """One line of the table: what to send, to which workers, with which settings."""
 
     def __init__(self, name, kind, settings=None, send="prebuilt", share=1.0, workers=1,
-                 note="", **worker):
-        self.name, self.kind, self.send, self.share = name, kind, send, share
+                 note="", quick=False, **worker):
+        self.name, self.kind, self.send, self.share, self.quick = name, kind, send, share, quick
         self.settings, self.workers, self.note = dict(settings or {}), workers, note
         self.worker = {**TUNED_WORKER, **worker}
 
@@ -131,23 +137,24 @@ def tuned(name, note="", settings=None, **kwargs):
     return Case(name, "per_message", {**TUNED, **(settings or {})}, note=note, **kwargs)
 
 
-def all_cases(backend):
+def all_cases(broker, backend):
     results = backend.split(":", 1)[0]
     return [
-        Case("broker: raw kombu, transient", "broker", TUNED, send="raw",
+        Case("broker: raw kombu, transient", "broker", TUNED, send="raw", quick=True,
              note="same message, publish + consume at once, ack per message"),
         Case("broker: raw kombu, persistent", "broker",
              {**TUNED, "task_default_delivery_mode": 2}, send="raw"),
         Case("defaults (demo celeryconfig)", "per_message", {}, send="delay", share=0.25,
              note=f"prefork, prefetch 1, results in {results}, events, -l INFO, delay()",
-             **DEMO_WORKER),
+             quick=True, **DEMO_WORKER),
         Case("defaults, results ignored", "per_message", {"task_ignore_result": True},
              send="delay", share=0.25, **DEMO_WORKER),
         tuned("tuned", "solo, prefetch 64, no results/events, transient, -l WARNING; "
-                       "pre-built messages"),
+                       "pre-built messages", quick=True),
         tuned("tuned, apply_async()", "the same worker; the client calls apply_async",
               send="apply_async"),
-        tuned(f"tuned + results in {results}", settings={"task_ignore_result": False}),
+        tuned(f"tuned + results in {results}", settings={"task_ignore_result": False},
+              quick=True),
         tuned("tuned + prefork x2", pool="prefork", concurrency=2),
         tuned("tuned + threads x4", pool="threads", concurrency=4),
         tuned("tuned + prefetch 1", settings={"worker_prefetch_multiplier": 1}),
@@ -155,28 +162,32 @@ def all_cases(backend):
         tuned("tuned + persistent", settings={"task_default_delivery_mode": 2}),
         tuned("tuned + -l INFO", loglevel="INFO"),
         tuned("tuned + priority queue", settings={"queue_priority": True}),
+        *([tuned("tuned + publisher confirms", settings={"publisher_confirms": True})]
+          if broker.startswith(("amqp", "pyamqp")) else []),
         tuned("tuned, 2 worker processes", workers=2),
-        Case("chunks of 100", "batched", TUNED, send="chunks:100", share=5,
+        Case("chunks of 100", "batched", TUNED, send="chunks:100", share=5, quick=True,
              note="noop.chunks(items, 100): one message per 100 items"),
         Case("chunks of 1000", "batched", TUNED, send="chunks:1000", share=5),
-        Case("dramatiq (RabbitMQ)", "peer", send="dramatiq", note="1 process x 1 thread"),
-        Case("huey (Redis)", "peer", send="huey", note="1 thread worker"),
-        Case("rq (Redis)", "peer", send="rq", share=0.1, note="SimpleWorker (no fork per job)"),
+        Case("dramatiq (RabbitMQ)", "peer", send="dramatiq", quick=True,
+             note="1 process x 1 thread, defaults (persistent, acks late)"),
+        Case("huey (Redis)", "peer", send="huey", quick=True, note="1 thread worker"),
+        Case("rq (Redis)", "peer", send="rq", share=0.1, quick=True,
+             note="SimpleWorker (no fork per job)"),
     ]
 
 
 LATENCY_CASES = [
-    Case("defaults", "latency", {}, **DEMO_WORKER),
+    Case("defaults", "latency", {}, quick=True, **DEMO_WORKER),
     Case("low latency", "latency",
          {**TUNED, "task_ignore_result": False, "result_extended": False,
           "worker_prefetch_multiplier": 1},
-         note="solo, no events/STARTED, -l WARNING, results in the backend"),
+         note="solo, no events/STARTED, -l WARNING, results in the backend", quick=True),
 ]
 COLD_START_CASES = [
-    Case("defaults", "cold", {}, **DEMO_WORKER),
-    Case("without mingle/gossip", "cold", {}, **{**DEMO_WORKER,
-                                                 "flags": ("--without-mingle", "--without-gossip")}),
-    Case("lean (solo, no mingle/gossip/heartbeat)", "cold", TUNED),
+    Case("defaults", "cold", {}, quick=True, **DEMO_WORKER),
+    Case("without mingle/gossip", "cold", {},
+         **{**DEMO_WORKER, "flags": ("--without-mingle", "--without-gossip")}),
+    Case("lean (solo, no mingle/gossip/heartbeat)", "cold", TUNED, quick=True),
     Case("lean, app.Worker() without the celery command", "cold", TUNED, cli=False),
 ]
 
@@ -441,7 +452,7 @@ def measure_raw(run, case, tag, count, profile=None):
 def raw_consumer(out, count):
     """Consume ``count`` messages from the benchmark queue with plain kombu; write when done."""
     import socket
-    from kombu import Connection, Consumer
+    from kombu import Consumer
     queue = bench_queue(app)
     prefetch = app.conf.worker_prefetch_multiplier * TUNED_WORKER["concurrency"]
     state = {"count": 0, "first": 0.0, "last": 0.0}
@@ -454,8 +465,8 @@ def raw_consumer(out, count):
         state["count"] += 1
         state["last"] = now
 
-    with Connection(app.conf.broker_url,
-                    transport_options=app.conf.broker_transport_options) as connection:
+    # Celery's settings only say where and how to connect (URL, transport, options)
+    with app.connection_for_read() as connection:
         channel = connection.channel()
         channel.basic_qos(0, prefetch, False)
         with Consumer(channel, [queue], on_message=on_message):
@@ -797,14 +808,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="every measurement once with small counts (under a minute)")
+                        help="the main cases once, with small counts (under a minute)")
     parser.add_argument("--repeat", type=int, help="rounds of every case (default 3; quick 1)")
     parser.add_argument("--count", type=int,
                         help="tasks per case (default 10000; quick 600); cases scale it")
     parser.add_argument("--samples", type=int, help="round trips for latency (default 1000)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", default="", metavar="REGEX",
-                        help="run only the throughput cases whose name matches")
+                        help="run only the cases whose name matches ('latency ...' and "
+                             "'cold start ...' for those)")
     parser.add_argument("--embedded", action="store_true",
                         help="use the embedded filesystem stack in a temporary folder")
     parser.add_argument("--profile", action="store_true",
@@ -862,12 +874,14 @@ def main(argv=None):
         broker, backend = os.environ["CELERY_BROKER_URL"], os.environ["CELERY_RESULT_BACKEND"]
         embedded = broker.startswith("filesystem://")
         run = Run(where["queue"], token, run_dir, deadline_factor=4.0 if embedded else 1.0)
+        if embedded:  # each round trip waits for the transport's 0.1 s polling: fewer of them
+            args.samples = max(10, args.samples // 10)
         if args.profile:
             return profile(run, args.count, console)
         notes = []
         cases = []
-        for case in all_cases(backend):
-            if not re.search(args.only, case.name):
+        for case in all_cases(broker, backend):
+            if not re.search(args.only, case.name) or (args.quick and not case.quick):
                 continue
             missing = case.kind == "peer" and peer_missing(case.send, broker, backend,
                                                            where["vhost"])
@@ -877,8 +891,12 @@ def main(argv=None):
                 cases.append(case)
         runs = {case.name: [] for case in cases}
         errors = []  # latency and cold start failures (throughput errors stay with their case)
-        latency = {case.name: [] for case in LATENCY_CASES}
-        cold = {case.name: [] for case in COLD_START_CASES}
+        latency_cases = [c for c in LATENCY_CASES if (c.quick or not args.quick)
+                         and re.search(args.only, f"latency {c.name}")]
+        cold_cases = [c for c in COLD_START_CASES if (c.quick or not args.quick)
+                      and re.search(args.only, f"cold start {c.name}")]
+        latency = {case.name: [] for case in latency_cases}
+        cold = {case.name: [] for case in cold_cases}
         for rnd in range(args.repeat):
             shift = rnd % len(cases) if cases else 0  # rotate, so no case always runs first
             for i, case in enumerate(cases[shift:] + cases[:shift]):
@@ -892,12 +910,12 @@ def main(argv=None):
                 console.print(f"round {rnd + 1}/{args.repeat}  {case.name:<34} "
                               f"{result['rate']:>9,.0f}/s  {result['completed']}/{result['sent']}"
                               + (f"  [red]{result['error']}[/]" if result.get("error") else ""))
-            for i, case in enumerate(LATENCY_CASES):
+            for i, case in enumerate(latency_cases):
                 try:
                     latency[case.name] += measure_latency(run, case, f"r{rnd}l{i}", args.samples)
                 except Exception as exc:
                     errors.append(f"latency {case.name}: {type(exc).__name__}: {exc}")
-            for i, case in enumerate(COLD_START_CASES):
+            for i, case in enumerate(cold_cases):
                 try:
                     cold[case.name].append(measure_cold_start(run, case, f"r{rnd}s{i}"))
                 except Exception as exc:
@@ -912,7 +930,7 @@ def main(argv=None):
             s["ratio"] = round(s["median"] / limit, 3) if limit else None
         latency_rows = [{"name": case.name, "samples": len(v), "note": case.note,
                          **{f"p{q}": round(percentile(v, q), 3) for q in (50, 95, 99)}}
-                        for case in LATENCY_CASES if (v := latency[case.name])]
+                        for case in latency_cases if (v := latency[case.name])]
         recommended = next((r for r in latency_rows if r["name"] == LATENCY_CASES[-1].name), {})
         report = {
             "machine": machine(broker, backend),
@@ -950,7 +968,7 @@ def profile(run, count, console):
     """The raw consumer and a tuned worker, each under cProfile: where a message's time goes."""
     import pstats
     from rich.table import Table
-    cases = {c.name: c for c in all_cases("")}
+    cases = {c.name: c for c in all_cases("", "")}
     compared = {"raw kombu consumer": cases["broker: raw kombu, transient"],
                 "tuned Celery worker": cases["tuned"]}
     areas, top = {}, []

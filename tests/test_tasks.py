@@ -17,14 +17,18 @@ import tasks
 def paused(app, queues):
     """Workers stop consuming ``queues`` (Celery's cancel_consumer), then each gets back its own."""
     before = app.control.inspect(timeout=1).active_queues() or {}
-    for queue in queues:
-        app.control.cancel_consumer(queue, reply=True, timeout=2)
+    owners = {q: [w for w, consumed in before.items() if q in {c["name"] for c in consumed}]
+              for q in queues}
+    # `limit` = the number of replies to expect, so the call returns as soon as all have answered
+    for queue, workers in owners.items():
+        app.control.cancel_consumer(queue, destination=workers, reply=True, timeout=2,
+                                    limit=len(workers))
     try:
         yield
     finally:
-        for worker, consumed in before.items():
-            for queue in {q["name"] for q in consumed} & set(queues):
-                app.control.add_consumer(queue, destination=[worker], reply=True, timeout=2)
+        for queue, workers in owners.items():
+            app.control.add_consumer(queue, destination=workers, reply=True, timeout=2,
+                                     limit=len(workers))
 
 
 @pytest.mark.parametrize("name", list(demos.DEMOS))
@@ -60,26 +64,30 @@ def test_routing_puts_each_message_in_its_queue_on_the_broker(live):
     """With consumers paused, the broker itself shows where each message landed."""
     app = live.app
     queues = [q.name for q in app.conf.task_queues]
-    with paused(app, queues):
-        sent = {"fast_queue": tasks.fast_task.delay("x"), "slow_queue": tasks.slow_task.delay(1, 0.01),
-                "network_queue": tasks.fetch_url.delay("http://127.0.0.1:1/"),
-                "celery": tasks.add.delay(1, 2)}
-        # beat keeps sending check_system to "celery", so that queue holds one message or more
-        expected = lambda counts: counts["celery"] >= 1 and all(  # noqa: E731
-            counts[q] == 1 for q in ("fast_queue", "slow_queue", "network_queue"))
-        with app.connection_for_write() as conn:
-            channel = conn.default_channel
-            deadline = time.monotonic() + 5
-            while True:
-                counts = {q: channel.queue_declare(q, passive=True).message_count for q in queues}
-                if expected(counts) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        assert expected(counts), counts
-    assert sent["celery"].get(timeout=10) == 3
-    assert sent["fast_queue"].get(timeout=10) == "fast: x"
-    for result in sent.values():  # let the rest finish so they do not leak into other tests
-        result.get(timeout=20, propagate=False)
+    # beat keeps sending check_system to "celery", so that queue holds one message or more
+    expected = lambda counts: counts["celery"] >= 1 and all(  # noqa: E731
+        counts[q] == 1 for q in ("fast_queue", "slow_queue", "network_queue"))
+    with demos.FlakyServer(failures=0) as server:
+        with paused(app, queues):
+            sent = {"fast_queue": tasks.fast_task.delay("x"),
+                    "slow_queue": tasks.slow_task.delay(1, 0.01),
+                    "network_queue": tasks.fetch_url.delay(server.url),
+                    "celery": tasks.add.delay(1, 2)}
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                deadline = time.monotonic() + 5
+                while True:
+                    counts = {q: channel.queue_declare(q, passive=True).message_count
+                              for q in queues}
+                    if expected(counts) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+            assert expected(counts), counts
+        # consumers are back: every message runs, on the worker of its queue
+        results = {queue: result.get(timeout=10) for queue, result in sent.items()}
+    assert results["celery"] == 3 and results["fast_queue"] == "fast: x"
+    assert results["network_queue"]["status"] == 200 and results["slow_queue"]["steps"] == 1
+    assert {queue: sent[queue].queue for queue in sent} == {q: q for q in sent}
 
 
 def test_rate_limit_spaces_tasks_out(live):
@@ -149,12 +157,13 @@ def test_beat_schedule_names_real_tasks(live):
 
 
 def test_a_queue_without_worker_is_named_not_left_pending(live):
-    with paused(live.app, ["network_queue"]):
-        ctx = live.context()
-        ctx.deadline = time.monotonic() + 3
-        pending = tasks.fetch_url.delay("http://127.0.0.1:1/")
-        with pytest.raises(demos.DemoFailed, match="no worker consumes queue 'network_queue'.*"
-                                                   "celery -A tasks worker -Q network_queue"):
-            demos.wait(ctx, pending, "network_queue")
-    pending.get(timeout=20, propagate=False)  # retried against a closed port, then FAILURE
-
+    with demos.FlakyServer(failures=0) as server:
+        with paused(live.app, ["network_queue"]):
+            ctx = live.context()
+            ctx.deadline = time.monotonic() + 3
+            pending = tasks.fetch_url.delay(server.url)
+            with pytest.raises(demos.DemoFailed, match="no worker consumes queue 'network_queue'"
+                                                       ".*celery -A tasks worker -Q network_queue"):
+                demos.wait(ctx, pending, "network_queue")
+        # once a worker consumes the queue again, the waiting message runs
+        assert pending.get(timeout=20)["status"] == 200
