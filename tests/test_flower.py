@@ -20,7 +20,16 @@ from conftest import ROOT, require_rabbit
 
 import stack
 
-DEMOS = ("basic", "routing", "canvas", "callbacks")
+import demos
+
+DEMOS = tuple(demos.DEMOS)  # every demo of the catalogue, as client_fixed.py runs them
+# The task each demo is about, as Flower should list it once the demo has run
+DEMO_TASKS = {"basic": "tasks.add", "progress": "tasks.slow_task", "routing": "tasks.fast_task",
+              "canvas": "tasks.combine_results", "workflow": "tasks.send_notification",
+              "retry": "tasks.fetch_url", "rate_limit": "tasks.limited_task",
+              "periodic": "tasks.check_system", "callbacks": "tasks.important_task",
+              "priority": "tasks.priority_task", "expires": "tasks.add", "revoke": "tasks.slow_task"}
+BEAT_TASKS = {"tasks.check_system", "tasks.generate_report"}  # beat keeps sending these
 USER, PASSWORD = "admin", "flower-test"
 UNAUTHENTICATED_401 = ("FLOWER_UNAUTHENTICATED_API environment variable is required to enable "
                        "API without authentication")
@@ -68,7 +77,7 @@ def demo_in_flower(tmp_path_factory):
         for key in [k for k in processes.env if k.startswith("FLOWER_")]:
             del processes.env[key]  # a user's FLOWER_* settings must not change what we test
         try:
-            nodes = stack.start_stack(processes, beat=False, concurrency=1)
+            nodes = stack.start_stack(processes, beat=True, concurrency=1)
             secured = Flower(stack.free_port(0), auth=(USER, PASSWORD))
             bare = Flower(stack.free_port(0))
             for name, flower, extra in (("flower-auth", secured, [f"--basic_auth={USER}:{PASSWORD}"]),
@@ -85,7 +94,7 @@ def demo_in_flower(tmp_path_factory):
             done = subprocess.run(
                 [sys.executable, "client_fixed.py", "--only", ",".join(DEMOS), "--json",
                  str(results)], cwd=ROOT, env=processes.env, capture_output=True, text=True,
-                timeout=120)
+                timeout=240)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             assert [d["name"] for d in json.loads(results.read_text())["demos"]] == list(DEMOS)
             yield secured, bare, nodes
@@ -97,7 +106,8 @@ def final_tasks(flower):
     """Flower's task list once every task in it has reached a final state."""
     def settled():
         tasks = flower.api("/api/tasks")
-        return tasks if tasks and all(t["state"] in FINAL for t in tasks.values()) else None
+        demo_tasks = [t for t in tasks.values() if t["name"] not in BEAT_TASKS]
+        return tasks if demo_tasks and all(t["state"] in FINAL for t in demo_tasks) else None
     return eventually(settled, "tasks still not in a final state in Flower")
 
 
@@ -133,6 +143,20 @@ def test_demo_tasks_appear_with_arguments_and_final_states(demo_in_flower):
     names = {t["name"] for t in tasks}
     assert {"tasks.process_data", "tasks.validate_data", "tasks.save_result",
             "tasks.slow_task", "tasks.success_callback", "tasks.failure_callback"} <= names
+
+
+def test_every_demo_shows_its_tasks_in_a_final_state(demo_in_flower):
+    flower, _, _ = demo_in_flower
+    tasks = list(final_tasks(flower).values())
+    states = {}
+    for task in tasks:
+        states.setdefault(task["name"], set()).add(task["state"])
+    for demo, name in DEMO_TASKS.items():
+        assert name in states, f"the {demo} demo's {name} is not in Flower"
+    assert "REVOKED" in states["tasks.add"]           # expires: revoked, never run
+    assert "REVOKED" in states["tasks.slow_task"]     # revoke(terminate=True)
+    assert states["tasks.fetch_url"] == {"SUCCESS"}   # after two retries
+    assert "SUCCESS" in states["tasks.check_system"]  # sent by beat
 
 
 def test_basic_auth_guards_pages_and_api_but_not_the_healthcheck(demo_in_flower):
