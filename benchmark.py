@@ -1,7 +1,7 @@
 """Measure Celery on this machine next to the broker's own limit: the numbers behind the tuning.
 
     python benchmark.py --quick                       # the main cases once, small counts (< 1 min)
-    python benchmark.py --repeat 3 --json bench.json  # the README's table (about 10 minutes)
+    python benchmark.py --repeat 3 --json bench-results.json  # the README table (9 minutes)
     python benchmark.py --embedded --quick            # the pure-Python filesystem stack, no servers
     python benchmark.py --profile                     # where a tuned worker's time goes (cProfile)
     python benchmark.py --only 'tuned|broker'         # a subset (a regular expression on names)
@@ -157,7 +157,8 @@ def all_cases(broker, backend):
               quick=True),
         tuned("tuned + prefork x2", pool="prefork", concurrency=2),
         tuned("tuned + threads x4", pool="threads", concurrency=4),
-        tuned("tuned + prefetch 1", settings={"worker_prefetch_multiplier": 1}),
+        tuned("tuned + prefetch 1", settings={"worker_prefetch_multiplier": 1}, share=0.25,
+              note="a broker round trip per message"),
         tuned("tuned + prefetch 4", settings={"worker_prefetch_multiplier": 4}),
         tuned("tuned + persistent", settings={"task_default_delivery_mode": 2}),
         tuned("tuned + -l INFO", loglevel="INFO"),
@@ -398,7 +399,7 @@ def measure(run, case, tag, base_count, profile=None):
             started = time.time()
             send(count)
             done, last = wait_done(bench_app, names, procs, count,
-                                   timeout=(30 + count / 200) * run.deadline_factor)
+                                   timeout=(30 + count / 50) * run.deadline_factor)
         result = {"rate": done / (last - started) if done else 0.0, "sent": count,
                   "completed": done, "cpu_us": cpu.per_message(count)}
     finally:
@@ -993,6 +994,9 @@ def profile(run, count, console):
         table.add_column(label, justify="right")
     for where, by_label in sorted(areas.items(), key=lambda kv: -max(kv[1].values())):
         table.add_row(where, *(f"{by_label.get(label, 0):.1f}" for label in compared))
+    table.add_row("total per message", *(
+        f"{sum(v.get(label, 0) for k, v in areas.items() if 'not per message' not in k):.1f}"
+        for label in compared), style="bold")
     console.print(table)
     functions = Table(title="The tuned worker's 15 most expensive functions", title_justify="left")
     for col in ("us/msg", "calls/msg", "function"):
