@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,36 @@ def run_client(code, env, timeout=60):
     proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - started
+
+
+def worker_until_exit(run_dir, env, name, timeout=60):
+    """Start a worker that should stop by itself; return (exit code, seconds, its log)."""
+    procs = stack.Processes(run_dir, env)
+    try:
+        started = time.monotonic()
+        code = start_worker(procs, name, "celery").wait(timeout=timeout)
+        seconds = time.monotonic() - started
+    finally:
+        procs.stop_all()
+    return code, seconds, (procs.run_dir / f"{name}.log").read_text(errors="replace")
+
+
+@contextmanager
+def worker_without(run_dir, name, broker_url):
+    """A worker whose broker is not there, started now, so its retries overlap other tests.
+
+    Yields (process, log path, seconds from start to exit); the last fails until it exited.
+    """
+    require_rabbit()  # Redis must answer: the worker checks its result backend first
+    procs = stack.Processes(run_dir, {
+        "CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
+    started, ended = time.monotonic(), []
+    proc = start_worker(procs, name, "celery")
+    # Note when it exits, even if that is before the test looks
+    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
+                     daemon=True).start()
+    try:
+        yield proc, procs.run_dir / f"{name}.log", lambda: ended[0] - started
+    finally:
+        procs.stop_all()

@@ -7,7 +7,6 @@ it reaches as a throw-away RabbitMQ user with a password (so the tests can check
 password never shows). After each refusal, a following `add` proves the worker still serves.
 """
 import secrets
-import threading
 import time
 from urllib.parse import urlparse
 
@@ -16,7 +15,7 @@ from kombu import Connection, Exchange, Queue
 
 import stack
 from conftest import (HOST, client_app, require_rabbit, run_client, start_worker,
-                      wait_for_log)
+                      wait_for_log, worker_until_exit, worker_without)
 
 UNRESOLVABLE = "amqp://guest:guest@nonexistent.invalid:5672//"  # .invalid never resolves
 
@@ -70,18 +69,9 @@ def served(tmp_path_factory, request):
 @pytest.fixture(scope="module", autouse=True)
 def worker_with_unresolvable_broker(tmp_path_factory):
     """Started when the module starts: its retries (about 30 s) overlap the other tests."""
-    require_rabbit()  # Redis must answer: the worker checks its result backend first
-    procs = stack.Processes(tmp_path_factory.mktemp("unresolvable"), {
-        "CELERY_BROKER_URL": UNRESOLVABLE, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
-        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
-    started, ended = time.monotonic(), []
-    proc = start_worker(procs, "unresolvable", "celery")
-    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
-                     daemon=True).start()
-    try:
-        yield proc, procs.run_dir / "unresolvable.log", lambda: ended[0] - started
-    finally:
-        procs.stop_all()
+    with worker_without(tmp_path_factory.mktemp("unresolvable"), "unresolvable",
+                        UNRESOLVABLE) as worker:
+        yield worker
 
 
 # --- Wrong arguments ----------------------------------------------------------------------------
@@ -209,15 +199,9 @@ def test_an_unknown_broker_scheme_fails_in_seconds(rabbit_env, tmp_path):
     proc, client_s = run_client("import tasks; tasks.add.delay(1, 2)", env)
     assert proc.returncode != 0
     assert "KeyError: 'No such transport: notascheme'" in proc.stderr
-    procs = stack.Processes(tmp_path, env)
-    try:
-        started = time.monotonic()
-        code = start_worker(procs, "scheme", "celery").wait(timeout=60)
-        worker_s = time.monotonic() - started
-    finally:
-        procs.stop_all()
+    code, worker_s, log = worker_until_exit(tmp_path, env, "scheme")
     assert code != 0
-    assert "No such transport: notascheme" in (tmp_path / "scheme.log").read_text()
+    assert "No such transport: notascheme" in log
     print(f"\nnotascheme://x: client KeyError in {client_s:.1f}s; "
           f"worker exit code {code} in {worker_s:.1f}s")
 

@@ -8,15 +8,14 @@ the same vhost. Logs go to the test's tmp_path; the tail of each is printed when
 """
 import os
 import signal
-import threading
 import time
 
 import pytest
 
 import demos
 import stack
-from conftest import (HOST, client_app, require_rabbit, run_client, start_worker,
-                      wait_for_log)
+from conftest import (HOST, client_app, run_client, start_worker,
+                      wait_for_log, worker_until_exit, worker_without)
 
 NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1//"  # nothing listens on port 1: refused at once
 
@@ -84,19 +83,8 @@ def cluster(rabbit_env, tmp_path, request):
 @pytest.fixture(scope="module", autouse=True)
 def worker_without_broker(tmp_path_factory):
     """Started when the module starts: its retries (about 30 s) overlap the other tests."""
-    require_rabbit()  # Redis must answer: the worker checks its result backend first
-    procs = stack.Processes(tmp_path_factory.mktemp("no-broker"), {
-        "CELERY_BROKER_URL": NO_BROKER, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
-        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
-    started, ended = time.monotonic(), []
-    proc = start_worker(procs, "nobroker", "celery")
-    # Note when it exits, even if that is before the test looks
-    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
-                     daemon=True).start()
-    try:
-        yield proc, procs.run_dir / "nobroker.log", lambda: ended[0] - started
-    finally:
-        procs.stop_all()
+    with worker_without(tmp_path_factory.mktemp("no-broker"), "nobroker", NO_BROKER) as worker:
+        yield worker
 
 
 # --- A worker killed mid-task -------------------------------------------------------------------
@@ -235,14 +223,7 @@ def test_a_worker_without_broker_says_so_at_once_and_exits(worker_without_broker
 
 def test_a_worker_without_result_backend_exits_at_once(rabbit_env, tmp_path):
     env = {**rabbit_env, "CELERY_RESULT_BACKEND": "redis://:hunter2@127.0.0.1:1/0"}
-    procs = stack.Processes(tmp_path, env)
-    try:
-        started = time.monotonic()
-        code = start_worker(procs, "nobackend", "celery").wait(timeout=60)
-        exited_in = time.monotonic() - started
-    finally:
-        procs.stop_all()
-    log = (tmp_path / "nobackend.log").read_text(errors="replace")
+    code, exited_in, log = worker_until_exit(tmp_path, env, "nobackend")
     assert code != 0
     assert "cannot reach the result backend at redis://:**@127.0.0.1:1/0" in log
     assert "hunter2" not in log
