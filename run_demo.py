@@ -148,7 +148,11 @@ def run(args, run_dir, started):
         say(f"Flower: http://127.0.0.1:{flower_port}/" + ("" if up else " (not answering yet)"))
     client = started["client"] = subprocess.Popen(client_command(args), cwd=HERE, env=os.environ)
     write_pids(run_dir, processes, client)
-    code = client.wait()
+    try:  # client_fixed.py keeps its own --timeout; this bound only guards against a bug there
+        code = client.wait(timeout=args.timeout + 60)
+    except subprocess.TimeoutExpired:
+        say(f"[red]client_fixed.py did not end within {args.timeout + 60:.0f}s; stopping it[/]")
+        code = 1
     reported = report_exits(processes, set())
     if code:
         say(f"[red]some demos failed[/]; each process's log is in {run_dir}")

@@ -183,7 +183,8 @@ def worker_without(run_dir, name, broker_url):
         "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
     started, ended = time.monotonic(), []
     proc = start_worker(procs, name, "celery")
-    # Note when it exits, even if that is before the test looks
+    # Note when it exits, even if that is before the test looks (a daemon thread: it ends
+    # when the worker does, at the latest when stop_all kills it below)
     threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
                      daemon=True).start()
     try:
