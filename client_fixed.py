@@ -31,11 +31,6 @@ import tasks
 console = Console()
 
 
-def describe(name):
-    """The first line of a demo's docstring."""
-    return (demos.DEMOS[name].__doc__ or "").strip().split("\n")[0]
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description="Run the Celery demos against a running stack.")
     parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these demos")
@@ -76,7 +71,7 @@ def run_all(ctx, names, timeout, outcomes):
                 outcomes.append(demos.Outcome(name, False, 0.0, f"not run: the --timeout of "
                                               f"{timeout:.0f}s for the whole run was used up"))
                 continue
-            bar = progress.add_task(f"{name}: {escape(describe(name))}", total=None, steps="")
+            bar = progress.add_task(f"{name}: {escape(demos.describe(name))}", total=None, steps="")
             # demo_progress calls this with each PROGRESS state of slow_task: a live bar
             ctx.on_progress = lambda current, total: progress.update(
                 bar, completed=current, total=total, steps=f"step {current}/{total}")
@@ -124,7 +119,7 @@ def main():
     args = parse_args()
     if args.list:
         for name in demos.DEMOS:
-            print(f"{name:<11} {describe(name)}")
+            print(f"{name:<11} {demos.describe(name)}")
         return 0
     broker, backend = tasks.app.conf.broker_url, tasks.app.conf.result_backend
     try:  # seconds, not a hang or a traceback, when nothing listens

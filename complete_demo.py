@@ -32,9 +32,8 @@ def main():
     with tempfile.TemporaryDirectory() as run_dir:
         console.print(f"[bold]Starting in-process workers for {', '.join(queues)} and beat[/]")
         with stack.in_process_workers(tasks.app, queues, beat=True, run_dir=run_dir):
-            for name, func in demos.DEMOS.items():
-                console.rule(f"[bold]{name}[/]: {(func.__doc__ or '').strip().splitlines()[0]}"
-                             if func.__doc__ else f"[bold]{name}")
+            for name in demos.DEMOS:
+                console.rule(f"[bold]{name}[/]: {demos.describe(name)}")
                 outcome = demos.run(ctx, name, demos.deadline_for(name))
                 colour = "green" if outcome.ok else "red"
                 console.print(f"[{colour}]{'PASS' if outcome.ok else 'FAIL'}[/] "

@@ -28,6 +28,11 @@ def demo(func):
     return func
 
 
+def describe(name):
+    """The first line of a demo's docstring: what it shows."""
+    return (DEMOS[name].__doc__ or "").strip().split("\n")[0]
+
+
 @dataclass
 class Context:
     """What a demo needs to know about the stack it runs on."""

@@ -141,7 +141,7 @@ def run(args, run_dir, started):
     write_pids(run_dir, processes)
     say(f"started {len(nodes)} workers (prefork, -E) and beat"
         f"{' and Flower' if flower_port else ''}; waiting for their ping")
-    stack.wait_until_ready(tasks.app, processes, nodes, timeout=45)
+    stack.wait_for_workers(tasks.app, nodes, 45, processes)
     say(f"workers ready in {time.monotonic() - t0:.1f}s: {', '.join(nodes)}")
     if flower_port:
         up = stack.wait_for_port("127.0.0.1", flower_port, timeout=20)

@@ -35,6 +35,10 @@ START_HINT = ("start one with `docker compose up -d rabbitmq redis`, use your di
               "falls back to an embedded stack that needs no server")
 
 
+class StackFailed(RuntimeError):
+    """A process of the stack exited or never answered; the message holds the tail of its log."""
+
+
 class ServiceUnavailable(RuntimeError):
     """A broker or result backend that cannot be reached; the message says how to fix it."""
 
@@ -242,16 +246,45 @@ def embedded_beat(app, run_dir=None):
         beat.join(10)
 
 
-def wait_for_workers(app, names, timeout):
-    """Wait until every named worker answers a ping; raise TimeoutError naming the silent ones."""
+def wait_for_workers(app, names, timeout, processes=None):
+    """Wait until every named worker answers a ping; raise StackFailed naming the silent ones.
+
+    With ``processes`` (the Processes that started them) it fails at once, with the end of the
+    log, when one of those processes exits, and a timeout shows the silent workers' logs.
+    """
     deadline = time.monotonic() + timeout
     missing = set(names)
-    while missing and time.monotonic() < deadline:
+    while missing:
+        for name, code in processes.exited() if processes else ():
+            raise StackFailed(f"{name} exited with code {code} during start-up; "
+                              f"the end of its log:\n{processes.log_tail(name)}")
+        if time.monotonic() > deadline:
+            shorts = {node.split("@")[0] for node in missing}
+            tails = "".join(f"\n--- {name}:\n{processes.log_tail(name)}"
+                            for name, _, _ in processes.started
+                            if name in shorts or name.removeprefix("worker-") in shorts
+                            ) if processes else ""
+            raise StackFailed(f"no ping answer within {timeout:.0f}s from "
+                              f"{', '.join(sorted(missing))}" +
+                              (f"; the end of their logs:{tails}" if tails else ""))
         replies = app.control.ping(timeout=0.5) or []
         missing -= {name for reply in replies for name in reply}
-    if missing:
-        raise TimeoutError(f"workers did not answer a ping within {timeout}s: "
-                           f"{', '.join(sorted(missing))}")
+
+
+def eventually(check, what, timeout, interval=0.3, ignore=()):
+    """Call ``check`` until it returns something true and return that; exceptions of the
+    types in ``ignore`` count as "not yet". Raise TimeoutError naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except ignore:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout:.0f}s")
+        time.sleep(interval)
 
 
 # --- Processes: workers, beat, Flower as real OS processes ------------------------------------
@@ -342,10 +375,6 @@ def tail(path, lines=20):
 
 
 # --- The multi-process stack of run_demo.py: a worker per queue, beat, Flower -----------------
-class StackFailed(RuntimeError):
-    """A process of the stack exited or never answered; the message holds the tail of its log."""
-
-
 def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=None,
                 concurrency=2, loglevel="INFO"):
     """Start one worker per queue, beat and (if a port is given) Flower, all at once.
@@ -372,23 +401,6 @@ def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=No
         processes.celery("flower", "flower", "--address=127.0.0.1", f"--port={flower_port}",
                          env={"FLOWER_UNAUTHENTICATED_API": "true"})
     return nodes
-
-
-def wait_until_ready(app, processes, nodes, timeout=30.0):
-    """Wait until every node answers a ping; fail at once, with its log, if a process exits."""
-    deadline = time.monotonic() + timeout
-    missing = set(nodes)
-    while missing:
-        for name, code in processes.exited():
-            raise StackFailed(f"{name} exited with code {code} during start-up; "
-                              f"the end of its log:\n{processes.log_tail(name)}")
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {name}:\n{processes.log_tail(name)}" for name in
-                              (f"worker-{node.split('@')[0]}" for node in sorted(missing)))
-            raise StackFailed(f"no ping answer within {timeout:.0f}s from "
-                              f"{', '.join(sorted(missing))}; the end of their logs:\n{tails}")
-        replies = app.control.ping(timeout=0.5) or []
-        missing -= {name for reply in replies for name in reply}
 
 
 def forget_pending_results(app):

@@ -36,7 +36,7 @@ def workers(env, run_dir, queues):
     processes = stack.Processes(run_dir, env=env)
     try:
         nodes = stack.start_stack(processes, queues=queues, beat=False)
-        stack.wait_until_ready(Celery(broker=env["CELERY_BROKER_URL"]), processes, nodes, 60)
+        stack.wait_for_workers(Celery(broker=env["CELERY_BROKER_URL"]), nodes, 60, processes)
         yield processes
     finally:
         processes.stop_all()

@@ -10,7 +10,6 @@ and each demo task with its arguments and final state.
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -50,21 +49,6 @@ class Flower:
         return response.json()
 
 
-def eventually(check, what, timeout=30.0):
-    """Call ``check`` until it returns something true; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except requests.RequestException:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout:.0f}s")
-        time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def demo_in_flower(tmp_path_factory):
     """Workers, two Flowers and the demos' tasks; yields (Flower with auth, Flower without, nodes)."""
@@ -84,12 +68,15 @@ def demo_in_flower(tmp_path_factory):
                                         ("flower-bare", bare, [])):
                 processes.celery(name, "flower", "--address=127.0.0.1",
                                  f"--port={flower.base.rsplit(':', 1)[1]}", *extra)
-            stack.wait_until_ready(Celery(broker=url), processes, nodes, timeout=60)
+            stack.wait_for_workers(Celery(broker=url), nodes, 60, processes)
             # Flower only knows of tasks whose events it received: wait until its event
             # receiver has seen every worker's heartbeat before any task is sent.
-            eventually(lambda: set(nodes) <= set(secured.api("/api/workers", status=1)),
-                       "Flower did not see every worker's events")
-            eventually(lambda: bare.get("/healthcheck").ok, "the second Flower did not answer")
+            stack.eventually(lambda: set(nodes) <= set(secured.api("/api/workers", status=1)),
+                             "Flower did not see every worker's events", 30,
+                             ignore=requests.RequestException)
+            stack.eventually(lambda: bare.get("/healthcheck").ok,
+                             "the second Flower did not answer", 30,
+                             ignore=requests.RequestException)
             results = run_dir / "demos.json"
             done = subprocess.run(
                 [sys.executable, "client_fixed.py", "--only", ",".join(DEMOS), "--json",
@@ -108,7 +95,8 @@ def final_tasks(flower):
         tasks = flower.api("/api/tasks")
         demo_tasks = [t for t in tasks.values() if t["name"] not in BEAT_TASKS]
         return tasks if demo_tasks and all(t["state"] in FINAL for t in demo_tasks) else None
-    return eventually(settled, "tasks still not in a final state in Flower")
+    return stack.eventually(settled, "tasks still not in a final state in Flower", 30,
+                            ignore=requests.RequestException)
 
 
 def test_every_per_queue_worker_appears_with_its_queue(demo_in_flower):

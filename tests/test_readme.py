@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
@@ -40,15 +39,6 @@ def shell(command, env, timeout=120):
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def wait_until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_readme_journey_runs_as_written(rabbit_env, tmp_path):
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
@@ -66,9 +56,9 @@ def test_readme_journey_runs_as_written(rabbit_env, tmp_path):
                     processes.start(name, ["bash", "-c", command])
                 continue
             if not ready:  # a user waits for the workers' "ready" lines before going on
-                wait_until(lambda: all(f"{n}@{host}: OK" in shell("celery -A tasks inspect ping",
-                                                                   env, 30).stdout for n in NODES),
-                           60, "the four workers to answer a ping")
+                pinged = lambda: shell("celery -A tasks inspect ping", env, 30).stdout  # noqa: E731
+                stack.eventually(lambda: all(f"{n}@{host}: OK" in pinged() for n in NODES),
+                                 "the four workers to answer a ping", 60, interval=0.5)
                 ready = True
             for command in commands:
                 out = shell(command, env)

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -52,18 +51,6 @@ def find_browser(path):
     if not found:
         sys.exit("no Chromium found: `sudo apt-get install chromium`, or pass --browser PATH")
     return found
-
-
-def wait_for(check, what, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except requests.RequestException:
-            pass  # Flower is still starting
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} within {timeout:.0f}s")
 
 
 def screenshot(browser, url, out, size, profile):
@@ -104,18 +91,19 @@ def main():
         # no beat: its task every 3 s would push the demo's tasks off the page
         nodes = stack.start_stack(processes, beat=False, flower_port=port)
         from celery import Celery
-        stack.wait_until_ready(Celery(broker=broker), processes, nodes, timeout=60)
+        stack.wait_for_workers(Celery(broker=broker), nodes, 60, processes)
         flower = f"http://127.0.0.1:{port}"
         # Flower shows only tasks whose events it received: wait until it sees the workers
-        wait_for(lambda: set(nodes) <= set(requests.get(
+        stack.eventually(lambda: set(nodes) <= set(requests.get(
             f"{flower}/api/workers", params={"status": 1}, timeout=5).json()),
-            "Flower did not see every worker", 60)
+            "Flower did not see every worker", 60, interval=0.5, ignore=requests.RequestException)
         print(f"workers {', '.join(nodes)} and Flower on {flower}: running demos {DEMOS}",
               flush=True)
         subprocess.run([sys.executable, "client_fixed.py", "--only", DEMOS], cwd=ROOT,
                        env=processes.env, check=True, timeout=180)
-        wait_for(lambda: all(t["state"] in ("SUCCESS", "FAILURE") for t in requests.get(
-            f"{flower}/api/tasks", timeout=5).json().values()), "tasks still running", 30)
+        stack.eventually(lambda: all(t["state"] in ("SUCCESS", "FAILURE") for t in requests.get(
+            f"{flower}/api/tasks", timeout=5).json().values()), "tasks still running", 30,
+            interval=0.5, ignore=requests.RequestException)
         screenshot(browser, flower + PAGES[args.page], out, args.size,
                    cleanup.enter_context(tempfile.TemporaryDirectory(prefix="chromium-")))
         print(f"wrote {out}")
