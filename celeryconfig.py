@@ -29,8 +29,8 @@ if broker_url.startswith("filesystem://"):
         "control_folder": os.path.join(_root, "control"),
         "polling_interval": 0.1,  # the default (1 s) adds a second to every hop of a chain
     }
-    # kombu's transport, except that a message file is never seen half-written (see stack.py)
-    broker_transport = "stack:FilesystemTransport"
+    # kombu's transport, but a message file is never seen half-written (stack/embedded.py)
+    broker_transport = "stack.embedded:FilesystemTransport"
 
 # memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.
 if broker_url.startswith("memory://"):

@@ -243,7 +243,7 @@ def test_dockerignore_keeps_secrets_out_and_the_code_in():
                 if line.strip() and not line.startswith("#")]
     for path in (".env", ".venv/bin/python", ".git/HEAD", "tests/__pycache__/x.pyc", ".run/a"):
         assert ignored(path, patterns), path
-    needed = ["requirements.txt", "tasks.py", "celeryconfig.py", "demos.py", "stack.py",
+    needed = ["requirements.txt", "tasks.py", "celeryconfig.py", "demos.py", "stack/__init__.py",
               "client_fixed.py"]
     for path in needed:
         assert not ignored(path, patterns), path

@@ -11,7 +11,7 @@ or the local defaults) plus a Chromium or Chrome browser, which is not a project
 
 The run is isolated: when `rabbitmqctl` may be used, everything happens on a throw-away vhost
 (deleted afterwards), and results go under a throw-away Redis key prefix. It starts a worker per
-queue and Flower (stack.py, as run_demo.py does), runs a few demos with client_fixed.py
+queue and Flower (stack/, as run_demo.py does), runs a few demos with client_fixed.py
 so that tasks of every kind and state show up, takes a headless screenshot of a Flower page,
 and stops everything.
 """

@@ -1,0 +1,18 @@
+"""Plumbing a learner never has to open: services, processes, the embedded stack, compose.
+
+Used by run_demo.py, complete_demo.py, benchmark.py and the tests, so the path a user runs is
+the path the tests check. It knows nothing about the demos themselves. One concern a module:
+
+    services.py    find and check brokers and result backends (masked URLs, clear errors)
+    processes.py   worker command lines, process groups with logs, waiting for workers
+    embedded.py    the no-install stack: safe filesystem:// transport, in-process workers
+    compose.py     docker compose up/stop and the compose broker's URL
+    testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
+
+``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
+"""
+from .services import *  # noqa: F401,F403
+from .processes import *  # noqa: F401,F403
+from .embedded import *  # noqa: F401,F403
+from .compose import *  # noqa: F401,F403
+from .testing import *  # noqa: F401,F403

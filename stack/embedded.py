@@ -1,0 +1,120 @@
+"""The stack that needs nothing installed: kombu's filesystem transport made safe for several
+processes (run_demo.py --broker embedded), and in-process workers and beat (complete_demo.py,
+the tests).
+"""
+import os
+import socket
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps, loads
+
+from .processes import WORKER_NAMES, wait_for_workers
+from .services import HERE
+
+
+def embedded_env(run_dir):
+    """Environment for the pure-Python stack: kombu's filesystem transport + file results."""
+    root = Path(run_dir) / "embedded"
+    for sub in ("messages", "control", "results"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return {"CELERY_BROKER_URL": "filesystem://", "CELERY_FS_ROOT": str(root),
+            "CELERY_RESULT_BACKEND": f"file://{root / 'results'}"}
+
+
+class _WholeMessageChannel(filesystem.Channel):
+    def get_table(self, exchange):
+        try:
+            with self._exchange_file(exchange).open("rb") as table:
+                filesystem.lock(table, filesystem.LOCK_SH)
+                data = table.read()
+        except FileNotFoundError:
+            return []
+        return [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        # Open without truncating, then lock: two workers binding at the same moment would
+        # otherwise both create the file and one binding (a worker's pidbox) would be lost.
+        path = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT), "r+b") as table:
+            filesystem.lock(table, filesystem.LOCK_EX)  # released when the file is closed
+            data = table.read()
+            entries = [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+            if entry not in entries:
+                table.seek(0)
+                table.truncate()
+                table.write(dumps([entry, *entries]).encode())
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"  # as kombu's
+        final = os.path.join(self.data_folder_out, name)
+        hidden = os.path.join(self.data_folder_out, f".{name}.part")  # readers skip this name
+        try:
+            with open(hidden, "wb") as out:
+                out.write(dumps(payload).encode())
+            os.replace(hidden, final)  # atomic: a reader sees no file or the whole message
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class FilesystemTransport(filesystem.Transport):
+    """kombu's filesystem:// transport, safe with several processes (celeryconfig uses it).
+
+    kombu 5.7 creates a message file and then writes it; a worker that lists the folder in
+    between reads an empty message and stops with ``Unrecoverable error:
+    JSONDecodeError('Expecting value: line 1 column 1 (char 0)')``. Here a message is written
+    under a hidden name and renamed into place, which is atomic; exchange tables (the
+    bindings behind broadcast and ping) are read and updated under a lock.
+    """
+    Channel = _WholeMessageChannel
+
+
+# --- In-process workers and beat: complete_demo.py and the tests ----------------------------
+@contextmanager
+def in_process_workers(app, queues, beat=False, concurrency=4, run_dir=None):
+    """Start real workers inside this process (threads pool), and beat if asked.
+
+    Celery's own ``celery.contrib.testing.worker.start_worker`` runs a worker in a thread.
+    The threads pool (not prefork) keeps ``memory://`` working: prefork children would each
+    get their own copy of the in-memory broker. On memory:// there is one worker per queue,
+    as in the real stack; on a network broker one worker consumes every queue, because
+    workers in one process share kombu's event loop and would read each other's sockets.
+    """
+    from celery.contrib.testing.worker import start_worker
+    host = socket.gethostname()
+    if app.conf.broker_url.startswith("memory://"):
+        groups = {f"{WORKER_NAMES.get(q, q)}@{host}": [q] for q in queues}
+    else:
+        groups = {f"demo@{host}": list(queues)}
+    with ExitStack() as stack:
+        for nodename, consumed in groups.items():
+            stack.enter_context(start_worker(
+                app, pool="threads", concurrency=concurrency, queues=consumed,
+                hostname=nodename, perform_ping_check=False, shutdown_timeout=20,
+                loglevel="WARNING"))
+        if beat:
+            stack.enter_context(embedded_beat(app, run_dir))
+        wait_for_workers(app, list(groups), 20)
+        yield list(groups)
+
+
+@contextmanager
+def embedded_beat(app, run_dir=None):
+    from celery.beat import EmbeddedService
+    folder = Path(run_dir or HERE / ".run")
+    folder.mkdir(parents=True, exist_ok=True)
+    beat = EmbeddedService(app, thread=True,
+                           schedule_filename=str(folder / f"beat-{uuid.uuid4().hex[:6]}"))
+    beat.start()
+    try:
+        yield beat
+    finally:
+        beat.stop()
+        beat.join(10)
+
