@@ -1,7 +1,7 @@
 """Measure Celery on this machine next to the broker's own limit: the numbers behind the tuning.
 
     python benchmark.py --quick                       # the main cases once, small counts (< 1 min)
-    python benchmark.py --repeat 3 --json bench-results.json  # the README table (9 minutes)
+    python benchmark.py --repeat 3 --json bench-results.json  # the table of docs/performance.md (9 minutes)
     python benchmark.py --embedded --quick            # the pure-Python filesystem stack, no servers
     python benchmark.py --profile                     # where a tuned worker's time goes (cProfile)
     python benchmark.py --only 'tuned|broker'         # a subset (a regular expression on names)

@@ -52,7 +52,7 @@ result_accept_content = ["json"]
 # --- Queues and routes ----------------------------------------------------------------------
 # Declared explicitly (not auto-created) so that every queue has a priority range on RabbitMQ.
 # RabbitMQ refuses to redeclare an existing queue with other arguments (PRECONDITION_FAILED):
-# see the README's troubleshooting section if you ran an older version of this demo.
+# see docs/troubleshooting.md if you ran an older version of this demo.
 MAX_PRIORITY = 10
 QUEUE_NAMES = ("celery", "fast_queue", "slow_queue", "network_queue")
 task_queues = tuple(
@@ -102,7 +102,7 @@ result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 if os.environ.get("CELERY_RESULT_KEYPREFIX"):
     result_backend_transport_options["global_keyprefix"] = os.environ["CELERY_RESULT_KEYPREFIX"]
 
-# --- Tuning knobs (see benchmark.py and the README's performance section) -----------------
+# --- Tuning knobs (see benchmark.py and docs/performance.md) --------------------------------
 worker_concurrency = None          # None = one process per CPU; raise it for I/O-bound work
 worker_prefetch_multiplier = 1     # 1 = fair for long tasks; 64 for tiny ones (the fast_queue worker)
 task_acks_late = False             # True re-runs tasks whose worker died, but needs idempotent tasks

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
 import stack
@@ -78,29 +79,59 @@ def test_readme_journey_runs_as_written(rabbit_env, tmp_path):
         processes.stop_all()
 
 
+COMMENT = re.compile(r"(?:^|\s+)#(?:\s.*)?$")
+
+
+def without_comments(block):
+    """A code block with its comments dropped: comments may be translated, the code may not."""
+    lines = [COMMENT.sub("", line).rstrip() for line in block.splitlines()]
+    return "\n".join(line for line in lines if line.strip())
+
+
 def structure(text):
-    """Heading levels, code blocks and journey markers: what both languages must share."""
-    blocks = FENCE.findall(text)
+    """Heading levels, code blocks (without comments) and journey markers: what both languages share."""
+    blocks = [without_comments(block) for block in FENCE.findall(text)]
     prose = FENCE.sub("", text)
     levels = [len(m) for m in re.findall(r"^(#+) ", prose, re.M)]
     return levels, blocks, re.findall(r"<!-- journey: [^>]*-->", text)
 
 
-def test_both_languages_have_the_same_sections_and_code():
-    en, zh = read("README.md"), read("README.zh-CN.md")
+PAIRS = [("README.md", "README.zh-CN.md")] + [
+    (f"docs/{page.name}", f"docs/{page.stem}.zh-CN.md")
+    for page in sorted((ROOT / "docs").glob("*.md")) if not page.name.endswith(".zh-CN.md")]
+
+
+@pytest.mark.parametrize("en_name, zh_name", PAIRS, ids=[en for en, _ in PAIRS])
+def test_both_languages_have_the_same_sections_and_code(en_name, zh_name):
+    assert (ROOT / zh_name).exists(), f"{en_name} has no Chinese version {zh_name}"
+    en, zh = read(en_name), read(zh_name)
     en_levels, en_blocks, en_journey = structure(en)
     zh_levels, zh_blocks, zh_journey = structure(zh)
-    assert en_levels == zh_levels, "the two READMEs have different section structures"
+    assert en_levels == zh_levels, f"{en_name} and {zh_name} have different section structures"
     assert en_journey == zh_journey
     assert len(en_blocks) == len(zh_blocks)
     for number, (a, b) in enumerate(zip(en_blocks, zh_blocks), 1):
-        assert a == b, f"code block {number} differs between README.md and README.zh-CN.md"
-    assert "README.zh-CN.md" in en.split("\n## ")[0] and "README.md" in zh.split("\n## ")[0]
+        assert a == b, f"code block {number} differs between {en_name} and {zh_name}"
+    # each page links to the other language before its first section
+    assert Path(zh_name).name in en.split("\n## ")[0] and Path(en_name).name in zh.split("\n## ")[0]
+
+
+def test_the_comment_stripping_keeps_the_code():
+    assert without_comments("celery -A tasks worker  # a worker\n# only a comment\nx = '#'") == \
+        "celery -A tasks worker\nx = '#'"
+    assert without_comments("a = 1  # one") != without_comments("a = 2  # one")
+
+
+def test_readme_links_every_docs_page_in_both_languages():
+    en, zh = read("README.md"), read("README.zh-CN.md")
+    for en_name, zh_name in PAIRS[1:]:
+        assert f"]({en_name})" in en, f"README.md does not link {en_name}"
+        assert f"]({zh_name})" in zh, f"README.zh-CN.md does not link {zh_name}"
 
 
 def test_readme_quick_start_names_the_commands_that_exist():
     en = read("README.md")
-    quick = en.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    quick = en.split("## The whole stack in one command", 1)[1].split("\n## ", 1)[0]
     assert "make demo" in quick and "make test" in quick
     makefile = read("Makefile")
     assert re.search(r"^demo:.*\n\t.*run_demo\.py", makefile, re.M)
