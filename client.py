@@ -23,7 +23,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 import stack
 import tasks
-from demos import FlakyServer  # a local HTTP server that answers 503 twice, then 200
+from stack import FlakyServer  # a local HTTP server that answers 503 twice, then 200
 
 TIMEOUT = 10  # seconds; no wait in this file is longer
 

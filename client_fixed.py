@@ -54,6 +54,9 @@ def make_context():
         # Only RabbitMQ hands out the highest priority first (queues have x-max-priority)
         supports_priority=urlparse(tasks.app.conf.broker_url).scheme in ("amqp", "pyamqp"),
         can_terminate=True,  # revoke(terminate=True) works with the prefork pool of real workers
+        time_limits=True,    # and so do time limits
+        # rpc:// results reach only the caller; every other backend here is shared
+        shared_results=not tasks.app.conf.result_backend.startswith(("rpc://", "cache+memory://")),
         # In docker compose the workers reach this client's flaky HTTP server by its service name
         http_host=os.environ.get("DEMO_HTTP_HOST", "127.0.0.1"),
         http_bind=os.environ.get("DEMO_HTTP_BIND", "127.0.0.1"))

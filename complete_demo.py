@@ -1,13 +1,14 @@
 """Every Celery concept of this tutorial, in one process, with no broker and no Docker.
 
-    python complete_demo.py            # about 30 seconds; exit code 0 when every section passed
+    python complete_demo.py            # about 40 seconds; exit code 0 when every section passed
 
 Real Celery, real workers: the broker is kombu's in-memory transport and results go to an
 in-memory cache, so it needs nothing installed. One worker per queue runs in a thread (Celery's
 own ``celery.contrib.testing.worker.start_worker``) and beat runs embedded. What it cannot show:
-other processes (Flower, a second terminal) cannot see memory, priorities are ignored (FIFO),
-and revoke(terminate=True) needs the prefork pool of a real worker. ``python run_demo.py``
-shows all of that on a real multi-process stack.
+other processes (Flower, a second terminal, a lookup by id) cannot see memory, priorities are
+ignored (FIFO), and revoke(terminate=True) and time limits need the prefork pool of a real
+worker; each demo's line says so. ``python run_demo.py`` shows all of that on a real
+multi-process stack.
 """
 import os
 import sys

@@ -5,16 +5,17 @@ outcome and returns one line saying what it showed; it raises ``DemoFailed`` oth
 ``client_fixed.py`` runs them against the real stack, ``complete_demo.py`` against in-process
 workers, and the tests against both. Not a script: import it.
 """
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from celery import chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 import stack
 import tasks
+from stack import FlakyServer  # noqa: F401 - the retry demo's server, also demos.FlakyServer
 
 DEMOS = {}  # name -> function, in the order a reader should meet them
 
@@ -40,6 +41,8 @@ class Context:
     deadline: float = 0.0                 # monotonic time by which the current demo must end
     supports_priority: bool = False       # only RabbitMQ reorders a queue by priority
     can_terminate: bool = False           # revoke(terminate=True) needs the prefork pool
+    time_limits: bool = False             # so do soft and hard time limits
+    shared_results: bool = False          # another process can read results (not cache+memory://)
     on_progress: object = None            # callback(current, total) for the progress demo
     http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
     http_bind: str = "127.0.0.1"          # where it listens (0.0.0.0 when workers are elsewhere)
@@ -105,6 +108,37 @@ def demo_basic(ctx):
     return f"add.delay(2, 3) -> {value} (task {result.id[:8]}, state {result.state})"
 
 
+# Another process looks the task up by its id alone, as a web request handler would
+LOOKUP = ("import sys; from celery.result import AsyncResult; import tasks; "
+          "result = AsyncResult(sys.argv[1], app=tasks.app); "
+          "print(result.state, result.get(timeout=float(sys.argv[2])))")
+
+
+@demo
+def demo_states(ctx):
+    """Follow a task PENDING -> STARTED -> SUCCESS, then look it up by id in another process."""
+    # countdown: the worker holds it 0.3 s before it starts, so PENDING is always seen first
+    result = tasks.take_time.apply_async((0.5,), countdown=0.3)
+    seen = [result.state]
+    while seen[-1] not in ("SUCCESS", "FAILURE"):
+        ctx.remaining()
+        time.sleep(0.02)
+        if result.state != seen[-1]:
+            seen.append(result.state)
+    wait(ctx, result, "celery")
+    check(seen == ["PENDING", "STARTED", "SUCCESS"], f"states seen: {seen}")
+    if not ctx.shared_results:
+        return (f"{' -> '.join(seen)}; another process cannot read this result backend "
+                f"({stack.mask(ctx.app.conf.result_backend)}), so no lookup by id here")
+    # the same environment (broker, backend, key prefix) as this process: as another terminal
+    done = subprocess.run([sys.executable, "-c", LOOKUP, result.id, "5"], cwd=stack.HERE,
+                          capture_output=True, text=True, timeout=ctx.remaining())
+    answer = done.stdout.strip()
+    check(done.returncode == 0 and answer == "SUCCESS {'slept': 0.5}",
+          f"another process looking up {result.id} got {answer!r} {done.stderr[-300:]!r}")
+    return f"{' -> '.join(seen)}; another process: AsyncResult('{result.id[:8]}...') -> {answer}"
+
+
 @demo
 def demo_progress(ctx):
     """Follow a long task's PROGRESS state (update_state meta) until it succeeds."""
@@ -164,6 +198,27 @@ def demo_workflow(ctx):
 
 
 @demo
+def demo_chunks(ctx):
+    """Many tiny tasks: one message each, in chunks of 10, or all in one starmap (timed)."""
+    pairs = [(i, i) for i in range(100)]
+    expected = [x * y for x, y in pairs]
+    timings = {}
+    for label, signature in (
+            ("group of 100 tasks", group(tasks.multiply.s(x, y) for x, y in pairs)),
+            ("chunks of 10 (10 tasks)", tasks.multiply.chunks(pairs, 10)),
+            ("starmap (1 task)", tasks.multiply.starmap(pairs))):
+        started = time.monotonic()
+        value = wait(ctx, signature.delay(), "celery")
+        timings[label] = time.monotonic() - started
+        flat = [v for chunk in value for v in chunk] if label.startswith("chunks") else value
+        check(flat == expected, f"{label} returned {flat[:5]}...")
+    each = timings["group of 100 tasks"]
+    parts = ", ".join(f"{label} {seconds:.2f}s" for label, seconds in timings.items())
+    return (f"100 multiplications: {parts}; chunks were "
+            f"{each / timings['chunks of 10 (10 tasks)']:.0f}x faster than a task each")
+
+
+@demo
 def demo_retry(ctx):
     """autoretry_for with exponential backoff against a flaky HTTP server."""
     with FlakyServer(failures=2, host=ctx.http_host, bind=ctx.http_bind) as server:
@@ -172,6 +227,29 @@ def demo_retry(ctx):
     check(answer["attempts"] == 3 and server.requests == 3,
           f"expected 3 attempts (2 failures + 1 success), got {answer} / {server.requests} requests")
     return f"fetch_url failed twice with 503, retried after 1 s and 2 s, succeeded: {answer['status']}"
+
+
+@demo
+def demo_time_limit(ctx):
+    """A soft time limit the task catches (SoftTimeLimitExceeded), a hard one that kills it."""
+    if not ctx.time_limits:
+        # Threads (and solo) workers cannot interrupt a task: show that, rather than pretend
+        value = wait(ctx, tasks.time_limited.delay(1.5), "celery")
+        check(value["finished"], f"time_limited(1.5) returned {value}")
+        return (f"not enforced here: time_limited ran {value['seconds']}s, past its 1 s soft limit; "
+                f"time limits need workers with the prefork pool (python run_demo.py)")
+    soft = tasks.time_limited.delay(5)                  # stops itself at the soft limit (1 s)
+    hard = tasks.time_limited.delay(5, clean_up=False)  # killed at the hard limit (2 s)
+    value = wait(ctx, soft, "celery")
+    check(not value["finished"] and value["stopped_after"] < 2,
+          f"time_limited(5) should stop itself after 1 s, returned {value}: is the worker "
+          f"running the prefork pool (not --pool=solo/threads)?")
+    wait(ctx, hard, "celery", propagate=False)
+    error = type(hard.result).__name__
+    check(hard.state == "FAILURE" and error == "TimeLimitExceeded",
+          f"time_limited(5, clean_up=False) ended {hard.state} ({hard.result!r})")
+    return (f"soft limit: the task caught SoftTimeLimitExceeded and stopped after "
+            f"{value['stopped_after']}s; hard limit: killed at 2 s -> FAILURE {error}")
 
 
 @demo
@@ -216,6 +294,16 @@ def demo_callbacks(ctx):
     check("'attempts': 1" in said and "RuntimeError" in reported and retried["attempts"] == 2,
           f"callbacks said {said!r} / {reported!r} / {retried!r}")
     return "link -> success_callback, link_error -> failure_callback, on_retry -> 2 attempts"
+
+
+@demo
+def demo_logging(ctx):
+    """A task logs with get_task_logger: its lines, with task name and id, are in the worker's log."""
+    result = tasks.log_work.delay(3)
+    count = wait(ctx, result, "celery")
+    check(count == 3, f"log_work(3) returned {count!r}")
+    return (f"log_work logged 3 lines; the default worker's log (-l INFO) shows "
+            f"`tasks.log_work[{result.id[:8]}...]: working on item 1 of 3`")
 
 
 @demo
@@ -286,37 +374,6 @@ def demo_inspect(ctx):
     return f"{len(queues)} workers answered; queues {sorted(consumed)}; {count} tasks registered"
 
 
-# --- A local HTTP endpoint that fails N times, then answers: retries with no internet ---------
-class FlakyServer:
-    def __init__(self, failures, host="127.0.0.1", bind="127.0.0.1"):
-        self.failures, self.requests = failures, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests += 1
-                status = 503 if outer.requests <= outer.failures else 200
-                body = b"busy, try again" if status == 503 else b"hello from the flaky server"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep the demo's output clean
-                pass
-
-        self.server = ThreadingHTTPServer((bind, 0), Handler)
-        self.url = f"http://{host}:{self.server.server_port}/flaky"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @dataclass
 class Outcome:
     name: str
@@ -336,7 +393,8 @@ def run(ctx, name, deadline_s):
     return Outcome(name, ok, round(time.monotonic() - started, 2), detail)
 
 
-DEADLINES = {"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20}
+DEADLINES = {"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20,
+             "states": 15, "chunks": 20, "time_limit": 15}
 
 
 def deadline_for(name):

@@ -7,20 +7,22 @@
 Run these from the folder that holds this file (or add ``--workdir PATH``): ``-A tasks``
 imports this module by name. Where each task goes is set in ``celeryconfig.task_routes``.
 """
-import logging
 import platform
 import time
 
 import requests
-from celery import Celery, Task
+from celery import Celery, Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.signals import worker_init
+from celery.utils.log import get_task_logger
 from kombu.utils.url import maybe_sanitize_url
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 
-logger = logging.getLogger(__name__)
+# A task logger prefixes each line with the task's name and id: "tasks.log_work[3f2c...]: ..."
+logger = get_task_logger(__name__)
 
 
 @worker_init.connect
@@ -43,6 +45,13 @@ def add(x, y):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"add() takes two numbers, got {x!r} and {y!r}")
     return x + y
+
+
+@app.task(name="tasks.take_time")
+def take_time(seconds=1.0):
+    """Sleep ``seconds``: long enough to be seen STARTED (celeryconfig.task_track_started)."""
+    time.sleep(seconds)
+    return {"slept": seconds}
 
 
 @app.task(name="tasks.fast_task")
@@ -83,6 +92,12 @@ def save_result(record):
     return {**record, "saved": True}
 
 
+@app.task(name="tasks.multiply")
+def multiply(x, y):
+    """A tiny task: what chunks and starmap are for (see demos.demo_chunks)."""
+    return x * y
+
+
 @app.task(name="tasks.combine_results")
 def combine_results(records):
     return {"count": len(records), "total": sum(r["doubled"] for r in records)}
@@ -111,6 +126,25 @@ def fetch_url(self, url):
     response.raise_for_status()
     return {"url": url, "status": response.status_code, "bytes": len(response.content),
             "attempts": self.request.retries + 1}
+
+
+# --- Time limits: a soft one the task can catch, a hard one that kills it --------------------
+# Enforced by the prefork pool only: a worker with --pool=solo or threads ignores them.
+@app.task(name="tasks.time_limited", soft_time_limit=1, time_limit=2)
+def time_limited(seconds, clean_up=True):
+    """Work for ``seconds``. At 1 s, SoftTimeLimitExceeded is raised in here: with ``clean_up``
+    the task stops and returns what it did; without, it carries on until the hard limit (2 s)
+    kills its pool process and the task fails with TimeLimitExceeded."""
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < seconds:
+            time.sleep(0.05)  # one step of the work
+    except SoftTimeLimitExceeded:
+        if clean_up:
+            return {"finished": False, "stopped_after": round(time.monotonic() - started, 2)}
+        while time.monotonic() - started < seconds:  # ignores the warning: killed at 2 s
+            time.sleep(0.05)
+    return {"finished": True, "seconds": round(time.monotonic() - started, 2)}
 
 
 # --- Rate limits: the limit itself is in celeryconfig.task_annotations -----------------------
@@ -172,6 +206,16 @@ def failure_callback(task_id):
     """Linked with ``link_error=``: receives the id of the task that failed."""
     failed = AsyncResult(task_id, app=app)
     return f"task {task_id} failed with {failed.result!r}"
+
+
+# --- Logging from a task, and a task that does not need the app ------------------------------
+# @shared_task registers the task with every Celery app, without importing one: how a reusable
+# module or a Django app defines tasks. Its log lines go to the worker's log.
+@shared_task(name="tasks.log_work")
+def log_work(items=3):
+    for item in range(1, items + 1):
+        logger.info("working on item %d of %d", item, items)
+    return items
 
 
 # --- Priority, expiry and revoke demos -------------------------------------------------------

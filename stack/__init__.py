@@ -8,6 +8,7 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     embedded.py    the no-install stack: safe filesystem:// transport, in-process workers
     compose.py     docker compose up/stop and the compose broker's URL
     testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
+    flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
@@ -16,3 +17,4 @@ from .processes import *  # noqa: F401,F403
 from .embedded import *  # noqa: F401,F403
 from .compose import *  # noqa: F401,F403
 from .testing import *  # noqa: F401,F403
+from .flaky import *  # noqa: F401,F403

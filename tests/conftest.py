@@ -87,7 +87,9 @@ class Stack:
 
     def context(self, **kwargs):
         import demos
-        return demos.Context(app=self.app, supports_priority=self.name == "rabbitmq", **kwargs)
+        # in-process workers run the threads pool: no terminate, no time limits
+        return demos.Context(app=self.app, supports_priority=self.name == "rabbitmq",
+                             shared_results=self.name == "rabbitmq", **kwargs)
 
 
 @pytest.fixture(scope="session", params=["memory", "rabbitmq"])

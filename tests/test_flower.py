@@ -23,10 +23,12 @@ import demos
 
 DEMOS = tuple(demos.DEMOS)  # every demo of the catalogue, as client_fixed.py runs them
 # The task each demo is about, as Flower should list it once the demo has run
-DEMO_TASKS = {"basic": "tasks.add", "progress": "tasks.slow_task", "routing": "tasks.fast_task",
-              "canvas": "tasks.combine_results", "workflow": "tasks.send_notification",
-              "retry": "tasks.fetch_url", "rate_limit": "tasks.limited_task",
-              "periodic": "tasks.check_system", "callbacks": "tasks.important_task",
+DEMO_TASKS = {"basic": "tasks.add", "states": "tasks.take_time", "progress": "tasks.slow_task",
+              "routing": "tasks.fast_task", "canvas": "tasks.combine_results",
+              "workflow": "tasks.send_notification", "chunks": "tasks.multiply",
+              "retry": "tasks.fetch_url", "time_limit": "tasks.time_limited",
+              "rate_limit": "tasks.limited_task", "periodic": "tasks.check_system",
+              "callbacks": "tasks.important_task", "logging": "tasks.log_work",
               "priority": "tasks.priority_task", "expires": "tasks.add", "revoke": "tasks.slow_task"}
 BEAT_TASKS = {"tasks.check_system", "tasks.generate_report"}  # beat keeps sending these
 USER, PASSWORD = "admin", "flower-test"
@@ -139,8 +141,10 @@ def test_every_demo_shows_its_tasks_in_a_final_state(demo_in_flower):
     states = {}
     for task in tasks:
         states.setdefault(task["name"], set()).add(task["state"])
+    assert set(DEMO_TASKS) == set(DEMOS) - {"inspect"}  # inspect sends no task
     for demo, name in DEMO_TASKS.items():
         assert name in states, f"the {demo} demo's {name} is not in Flower"
+    assert states["tasks.time_limited"] == {"SUCCESS", "FAILURE"}  # soft limit caught, hard killed
     assert "REVOKED" in states["tasks.add"]           # expires: revoked, never run
     assert "REVOKED" in states["tasks.slow_task"]     # revoke(terminate=True)
     assert states["tasks.fetch_url"] == {"SUCCESS"}   # after two retries
