@@ -1,5 +1,9 @@
 """The READMEs are code: the step-by-step journey runs as written, and both languages agree.
 
+Both languages agree when README.md and README.zh-CN.md (and each docs/NAME.md and
+docs/NAME.zh-CN.md) have the same heading levels, journey markers and code blocks, the code
+compared without its comments (which may be translated).
+
 A code block preceded by ``<!-- journey: background NAME -->`` is a terminal left running (a
 worker, beat, Flower); ``<!-- journey: run -->`` blocks are commands that must succeed. The test
 replays them in README order against a throw-away RabbitMQ vhost, as a user would with the
