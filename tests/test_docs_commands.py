@@ -8,7 +8,8 @@ least parsed here, by the tool itself and without running it:
 - ``celery ...`` through Celery's own click entry point with ``--help`` appended: click parses
   every option before it prints help, so an option Celery does not have (``control revoke ID
   --terminate``) fails. ``inspect``/``control`` sub-commands are looked up in Celery's registry,
-  and Flower's options (which click passes on to tornado unchecked) in Flower's.
+  Flower's options (which click passes on to tornado unchecked) in Flower's, and the options of
+  ``celery multi`` (passed on to each worker) as a worker's.
 - ``python SCRIPT.py ...`` through the script's own argparse parser, stopped right after parsing.
 - ``make TARGET`` must name a target of the Makefile; ``pip install -r FILE`` an existing file;
   any other program must be one the docs are meant to use (a typo in a program name fails).
@@ -117,6 +118,12 @@ def check_celery(argv):
             name = arg[2:].split("=")[0].replace("_", "-")
             if arg.startswith("--") and name not in options._options:
                 return f"Flower has no option --{name}"
+    if "multi" in args:  # multi passes its options on to each worker: check them as a worker's
+        at = args.index("multi")
+        rest = args[at + 2:]  # after the action (start, stopwait, ...)
+        while rest and not rest[0].startswith("-"):
+            rest = rest[1:]  # node names
+        args = args[:at] + ["worker"] + [re.sub(r"^(-\w+):\w+$", r"\1", a) for a in rest]
     if "--workdir" in args:  # its callback changes directory at once: give it one that exists
         args[args.index("--workdir") + 1] = str(ROOT)
     try:
@@ -225,6 +232,7 @@ def test_a_wrong_celery_option_or_command_is_rejected():
              ["celery", "-A", "tasks", "inspect", "active_queue"],
              ["python", "run_demo.py", "--flowr"],
              ["celery", "-A", "tasks", "flower", "--basic-auth=a:b", "--prot=5555"],
+             ["celery", "-A", "tasks", "multi", "start", "a", "b", "-Q:a", "celery", "--pidfle=x"],
              ["python", "client_fixed.py", "--only"]]  # --only needs a value
     right = [["celery", "-A", "tasks", "control", "terminate", "SIGTERM", "ID"],
              ["python", "run_demo.py", "--flower"]]
@@ -233,7 +241,8 @@ def test_a_wrong_celery_option_or_command_is_rejected():
     assert "No such option '--bogus'" in results[1]
     assert "no command 'active_queue'" in results[2]
     assert "no option --prot" in results[4]
-    assert all(results[:6]) and results[6:] == [None, None], results
+    assert "No such option '--pidfle'" in results[5]
+    assert all(results[:7]) and results[7:] == [None, None], results
 
 
 def test_commands_are_found_in_blocks_inline_spans_and_config_files():
