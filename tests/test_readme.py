@@ -145,3 +145,32 @@ def test_readme_quick_start_names_the_commands_that_exist():
     for name in re.findall(r"`([\w/.-]+\.(?:py|yml|png|txt))`", en):
         assert (ROOT / name).exists() or (ROOT / "tests" / name).exists() or "/" not in name \
             and list(ROOT.glob(f"**/{name}")), f"README mentions {name}, which does not exist"
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+# Written on another branch (hosts) at the same time; the lead lands both.
+NOT_YET_HERE = {"docs/more-machines.md", "docs/more-machines.zh-CN.md"}
+
+
+def test_every_link_between_pages_and_to_a_section_resolves():
+    pages = ["README.md", "README.zh-CN.md"] + [f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")]
+    broken = []
+    for page in pages:
+        text = FENCE.sub("", read(page))
+        for target, anchor in re.findall(r"\]\((?!https?://|#)([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            path = (ROOT / page).parent / target
+            name = str(path.resolve().relative_to(ROOT))
+            if not path.exists():
+                if name not in NOT_YET_HERE:
+                    broken.append(f"{page}: {target} does not exist")
+                continue
+            if anchor and path.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", FENCE.sub("", path.read_text()), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{page}: {target}#{anchor}: no such section")
+    assert not broken, "\n".join(broken)
