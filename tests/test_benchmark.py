@@ -97,8 +97,9 @@ def test_prebuilt_messages_are_what_apply_async_publishes(monkeypatch):
     monkeypatch.setenv("CELERY_BROKER_URL", "memory://localhost/")
     monkeypatch.setenv("CELERY_RESULT_BACKEND", "cache+memory://")
     from celery.signals import before_task_publish
-    import benchmark
-    app = benchmark.make_app(benchmark.TUNED)
+    from bench.cases import TUNED
+    from bench.worker import make_app, template_message
+    app = make_app(TUNED)
     sent = []
 
     def capture(headers=None, body=None, properties=None, **kwargs):
@@ -111,7 +112,7 @@ def test_prebuilt_messages_are_what_apply_async_publishes(monkeypatch):
         before_task_publish.disconnect(capture)
         app.close()
     headers, body, properties = sent[0]
-    template = benchmark.template_message(app)
+    template = template_message(app)
     skip = {"id", "root_id"}  # a new id for every copy
     assert {k: v for k, v in template.headers.items() if k not in skip} == \
         {k: v for k, v in headers.items() if k not in skip}

@@ -1,0 +1,215 @@
+"""Where one benchmark run works and how it waits: throw-away vhost / Redis prefix, a queue per
+case, worker processes, and a deadline on every wait.
+
+Owns: choosing the broker (``--broker rabbitmq|redis|embedded``), isolating the run (a
+throw-away RabbitMQ vhost, a Redis key prefix for the broker and the results, or a temporary
+folder) and removing it all afterwards; ``Run``, which starts a case's workers and stops them;
+asking the workers how far they got; and ``deadline``, which ends a wait that a frozen broker
+would otherwise make endless, even while it is blocked on a socket.
+"""
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import stack
+
+REDIS_BROKER = "redis://localhost:6379/0"
+
+
+class Stalled(RuntimeError):
+    """A wait passed its deadline; the message says what was awaited and from which service."""
+
+
+@contextmanager
+def deadline(seconds, what):
+    """Raise Stalled when the block runs longer than ``seconds``, also inside a blocking socket
+    call (a SIGALRM interrupts it). An enclosing deadline that ends sooner stays in charge."""
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
+    if threading.current_thread() is not threading.main_thread() or 0 < outer <= seconds:
+        yield
+        return
+
+    def expire(*_):
+        raise Stalled(f"{what} did not finish within {seconds:.0f}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        left = outer - (time.monotonic() - started) if outer else 0
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if outer else 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def choose_broker(name):
+    """The broker URL for ``--broker``: the environment's when it is of that kind."""
+    current = os.environ.get("CELERY_BROKER_URL", "")
+    if name is None:
+        return current or stack.DEFAULT_BROKER
+    schemes = {"rabbitmq": ("amqp://", "amqps://", "pyamqp://"), "redis": ("redis://",
+                                                                            "rediss://")}[name]
+    if current.startswith(schemes):
+        return current
+    return stack.DEFAULT_BROKER if name == "rabbitmq" else REDIS_BROKER
+
+
+def isolate(broker_name, cleanup, token):
+    """Point this run at its own vhost, key prefixes and queue; undo it all on exit.
+
+    Raises stack.ServiceUnavailable (one line, naming the service) when a service is down.
+    """
+    if broker_name == "embedded":
+        import tempfile
+        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="celery-bench-"))
+        os.environ.update(stack.embedded_env(folder))
+    else:
+        os.environ["CELERY_BROKER_URL"] = choose_broker(broker_name)
+    broker = os.environ["CELERY_BROKER_URL"]
+    backend = os.environ.setdefault("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
+    stack.check_broker(broker)
+    stack.check_backend(backend)
+    where = {"queue": f"bench-{token}", "vhost": None, "redis_prefix": None,
+             "broker_prefix": None, "token": token}
+    if broker.startswith(("amqp://", "pyamqp://")) and stack.rabbitmqctl_usable():
+        url = cleanup.enter_context(stack.throwaway_vhost(broker, prefix=f"celery-bench-{token}"))
+        os.environ["CELERY_BROKER_URL"] = url
+        where["vhost"] = urlparse(url).path[1:]
+    # otherwise a shared vhost or another broker: every case's queue is deleted after it
+    if broker.startswith(("redis://", "rediss://")):  # every broker key under the prefix
+        prefix = cleanup.enter_context(
+            stack.throwaway_redis_prefix(broker, prefix=f"celery-bench-{token}-broker"))
+        os.environ["BENCH_BROKER_KEYPREFIX"] = where["broker_prefix"] = prefix
+    if backend.startswith(("redis://", "rediss://")):
+        prefix = cleanup.enter_context(
+            stack.throwaway_redis_prefix(backend, prefix=f"celery-bench-{token}"))
+        os.environ["CELERY_RESULT_KEYPREFIX"] = where["redis_prefix"] = prefix
+    else:
+        os.environ.pop("CELERY_RESULT_KEYPREFIX", None)
+    for url in {u for u in (broker, backend) if u.startswith(("redis://", "rediss://"))}:
+        cleanup.callback(delete_redis_keys, url, f"*{token}*")  # the peers' keys
+    return where
+
+
+def delete_redis_keys(url, pattern):
+    import redis
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    for key in client.scan_iter(match=pattern, count=1000):
+        client.delete(key)
+    for registry in (b"rq:workers", b"rq:queues"):  # RQ's sets name our worker and queue
+        members = [m for m in client.smembers(registry) if pattern.strip("*").encode() in m]
+        if members:
+            client.srem(registry, *members)
+
+
+class Run:
+    """Where and how this benchmark run works: queue, run folder, deadlines, processes."""
+
+    def __init__(self, queue, token, run_dir, timeout=30.0, deadline_factor=1.0):
+        self.queue, self.token, self.run_dir = queue, token, run_dir
+        self.host = socket.gethostname()
+        self.worker_pids = []
+        self.timeout = timeout * deadline_factor  # the filesystem stack is far slower
+        self.factor = deadline_factor
+
+    def wait_for(self, count, rate=50):
+        """The deadline of a wait for ``count`` messages: --timeout plus count / rate seconds."""
+        return self.timeout + count / rate * self.factor
+
+    def use_queue(self, tag):
+        """Give each case its own queue: nothing one case leaves behind can count for another."""
+        os.environ["BENCH_QUEUE"] = f"{self.queue}-{tag}"  # make_app() and the workers read it
+        return os.environ["BENCH_QUEUE"]
+
+    def processes(self, env=None):
+        return stack.Processes(self.run_dir, env=env)
+
+    def start_process(self, procs, name, argv, profile=None):
+        if profile:  # the same command under cProfile, which writes its stats on exit
+            argv = [argv[0], "-m", "cProfile", "-o", profile, *argv[1:]]
+        self.worker_pids.append(procs.start(name, argv).pid)
+
+    def start(self, case, tag, profile=None):
+        """Start the case's worker processes; return (Processes, node names)."""
+        procs = self.processes({"BENCH_SETTINGS": json.dumps(case.settings)})
+        names = []
+        for i in range(case.workers):
+            short = f"{self.token}-{tag}-{i}"
+            w = case.worker
+            options = ["-Q", os.environ["BENCH_QUEUE"], "-n", f"{short}@{self.host}",
+                       "-l", w["loglevel"], "-P", w["pool"], *w["flags"],
+                       *(["-c", str(w["concurrency"])] if w["concurrency"] else [])]
+            if w.get("cli", True):
+                argv = [sys.executable, "-m", "celery", "-A", "bench.worker", "worker", *options]
+            else:  # app.Worker() directly: the celery command imports every CLI plugin first
+                argv = [sys.executable, "-m", "bench.worker", "--worker", *options]
+            self.start_process(procs, short, argv, profile)
+            names.append(f"{short}@{self.host}")
+        return procs, names
+
+    def wait_ready(self, app, names, procs):
+        stack.wait_for_workers(app, names, self.timeout, processes=procs)
+
+    def stop(self, app, names, procs):
+        # Ask first: a worker without heartbeat takes up to 10 s to notice a SIGTERM.
+        try:
+            with deadline(10, "asking the workers to shut down"):
+                app.control.shutdown(destination=names)
+            for _, proc, _ in procs.started:
+                proc.wait(timeout=10)  # a profiled worker writes its stats while exiting
+        except Exception:  # the broker may be the problem; SIGTERM and SIGKILL follow anyway
+            pass
+        procs.stop_all(grace=10)
+
+
+def check_alive(procs):
+    """Fail at once, with the end of its log, when a process of the case exited."""
+    for name, code in procs.exited():
+        raise RuntimeError(f"{name} exited with {code}:\n{procs.log_tail(name)}")
+
+
+def progress(app, names, timeout=1.0):
+    """{node: {"count", "first", "last"}} from every worker that answered within timeout."""
+    replies = app.control.broadcast("bench_progress", reply=True, destination=names,
+                                    limit=len(names), timeout=timeout) or []
+    return {node: value for reply in replies for node, value in reply.items()}
+
+
+def wait_done(app, names, procs, expected, timeout):
+    """Poll the workers' counts until ``expected`` tasks completed or the deadline passed;
+    return (completed, time of the last completion): a case that stalls shows how far it got."""
+    seen = {"count": 0, "last": 0.0}
+
+    def done():
+        check_alive(procs)
+        replies = progress(app, names).values()
+        seen.update(count=sum(v["count"] for v in replies),
+                    last=max((v["last"] for v in replies), default=0.0))
+        return seen["count"] >= expected
+
+    try:
+        stack.eventually(done, f"{expected} tasks done", timeout, interval=0.05)
+    except TimeoutError:
+        pass
+    return seen["count"], seen["last"]
+
+
+def remove_queue(bench_app, bench_queue):
+    """Delete the case's queue and exchange; return how many messages were still in it."""
+    try:
+        with deadline(15, "deleting the case's queue"), \
+                bench_app.connection_for_write() as connection:
+            queue = bench_queue(bench_app)(connection.default_channel)
+            left = queue.queue_declare(passive=True).message_count
+            queue.delete()
+            queue.exchange.delete()
+            return left
+    except Exception:  # never declared (the case failed early), or the broker is gone
+        return 0
