@@ -11,7 +11,8 @@ It runs against the chosen broker (``--broker``; without it, CELERY_BROKER_URL o
 the configured result backend (CELERY_RESULT_BACKEND, Redis by default), on a throw-away vhost
 and Redis key prefixes, or on uniquely named queues when rabbitmqctl is not usable, and removes
 them afterwards. No wait lasts longer than ``--timeout`` (plus time for the messages it waits
-for): a broker that freezes ends the run with a message naming it.
+for): a broker that freezes ends the run with a message naming it. Exit code: 0 when every case
+completed, 1 when one did not, 2 when a service is down (the message names it).
 
 What it measures, round after round so that a noisy neighbour slows every case alike:
   broker       raw kombu publish + consume of the same Celery message, no Celery: the limit
@@ -119,7 +120,7 @@ def main(argv=None):
         except Stalled as exc:  # a service stopped answering: clean up what can be, and end
             console.print(f"[red]stopped: {exc}[/]", highlight=False)
             console.print(f"worker logs kept in {run_dir}")
-            return 3
+            return 2
         summaries = [reporting.summarize(case, runs[case.name]) for case in cases]
         report = reporting.build(
             args, broker, backend, summaries,
@@ -154,12 +155,11 @@ def rounds(run, args, cases, latency_cases, cold_cases, console, broker, backend
             return call(), None
         except Exception as exc:  # one broken case must not hide the others ...
             error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, (Stalled, TimeoutError, OSError)):
-                try:  # ... unless the broker or the result backend is the reason
-                    stack.check_broker(broker)
-                    stack.check_backend(backend)
-                except stack.ServiceUnavailable as down:
-                    raise Stalled(f"{error}; {down}") from None
+            try:  # ... unless the broker or the result backend is the reason
+                stack.check_broker(broker)
+                stack.check_backend(backend)
+            except stack.ServiceUnavailable as down:
+                raise Stalled(f"{error}; {down}") from None
             return None, error
 
     for rnd in range(args.repeat):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import stack
 
 from .profiling import CpuMeter
-from .run import check_alive, deadline, remove_queue, wait_done
+from .run import check_alive, clean_up, deadline, wait_done
 from .worker import LEAN, bench_queue, make_app, template_message
 
 # Every knob that makes one tiny task cheaper. Each "tuned + ..." case sets one of them back,
@@ -154,39 +154,38 @@ def sender(app, how):
 
 
 # --- Measurements --------------------------------------------------------------------------------
+# Each measurement talks to the services inside a deadline (a frozen broker ends it with
+# Stalled instead of a hang) and stops its processes outside it, so that stopping always runs.
 def measure(run, case, tag, base_count, profile=None):
-    """One throughput run of a case: {"rate", "sent", "completed", "cpu_us"}.
-
-    The whole case, clean-up included, has a deadline: a broker that freezes mid-run ends it
-    with ``Stalled`` instead of a hang.
-    """
+    """One throughput run of a case: {"rate", "sent", "completed", "cpu_us"}."""
     count = case.count(base_count)
     run.use_queue(tag)
-    with deadline(3 * run.timeout + 2 * run.wait_for(count) + 30, f"case {case.name!r}"):
-        if case.kind == "broker":
-            return measure_raw(run, case, tag, count, profile)
-        if case.kind == "peer":
-            from .peers import measure_peer
-            return measure_peer(run, case, tag, count)
-        return measure_celery(run, case, tag, count, profile)
+    if case.kind == "broker":
+        return measure_raw(run, case, tag, count, profile)
+    if case.kind == "peer":
+        from .peers import measure_peer
+        return measure_peer(run, case, tag, count)
+    return measure_celery(run, case, tag, count, profile)
 
 
 def measure_celery(run, case, tag, count, profile=None):
     bench_app = make_app(case.settings)
     procs, names = run.start(case, tag, profile)
     try:
-        run.wait_ready(bench_app, names, procs)
-        with sender(bench_app, case.send) as send:
-            cpu = CpuMeter(procs.pids())
-            started = time.time()
-            send(count)
-            done, last = wait_done(bench_app, names, procs, count, run.wait_for(count))
+        with deadline(2 * run.timeout, f"case {case.name!r}") as renew:
+            run.wait_ready(bench_app, names, procs)
+            renew(run.wait_for(count))  # sending; then each task done renews it
+            with sender(bench_app, case.send) as send:
+                cpu = CpuMeter(procs.pids())
+                started = time.time()
+                send(count)
+                done, last = wait_done(bench_app, names, procs, count, run.wait_for(count),
+                                       idle=run.timeout, renew=renew)
         result = {"rate": done / (last - started) if done else 0.0, "sent": count,
                   "completed": done, "cpu_us": cpu.per_message(count)}
     finally:
         run.stop(bench_app, names, procs)
-        left = remove_queue(bench_app, bench_queue)
-        bench_app.close()
+        left = clean_up(bench_app, bench_queue)
     if left:  # a message run twice, or one that never ran, would show here
         result["error"] = f"{left} messages left in the queue"
     return result
@@ -203,7 +202,8 @@ def measure_raw(run, case, tag, count, profile=None):
     try:
         stack.eventually(lambda: check_alive(procs) or os.path.exists(out + ".ready"),
                          "the raw consumer did not start", run.timeout, interval=0.02)
-        with bench_app.connection_for_write() as connection:
+        with deadline(2 * run.timeout + run.wait_for(count, rate=200), f"case {case.name!r}"), \
+                bench_app.connection_for_write() as connection:
             publish = publisher(connection, bench_queue(bench_app), template_message(bench_app),
                                 bench_app.conf.task_default_delivery_mode)
             cpu = CpuMeter(())
@@ -221,8 +221,7 @@ def measure_raw(run, case, tag, count, profile=None):
                 "completed": done, "cpu_us": cpu_us}
     finally:
         procs.stop_all(grace=5)
-        remove_queue(bench_app, bench_queue)
-        bench_app.close()
+        clean_up(bench_app, bench_queue)
 
 
 def measure_latency(run, case, tag, samples):
@@ -232,12 +231,13 @@ def measure_latency(run, case, tag, samples):
     procs, names = run.start(case, tag)
     add_task = bench_app.tasks["bench.add"]
     try:
-        run.wait_ready(bench_app, names, procs)
+        with deadline(run.timeout + 5, "the latency workers to start"):
+            run.wait_ready(bench_app, names, procs)
         times = []
         for i in range(samples + 20):  # the first 20 warm up connections and caches
             started = time.perf_counter()
             # interval only matters for polling backends (file://); Redis pushes the result
-            with deadline(run.timeout, "a round trip add.delay(2, 2).get()"):
+            with deadline(run.timeout + 5, "a round trip add.delay(2, 2).get()"):
                 if add_task.delay(2, 2).get(timeout=run.timeout, interval=0.01) != 4:
                     raise AssertionError("add(2, 2) did not return 4")
             if i >= 20:
@@ -245,24 +245,24 @@ def measure_latency(run, case, tag, samples):
         return times
     finally:
         run.stop(bench_app, names, procs)
-        remove_queue(bench_app, bench_queue)
-        bench_app.close()
+        clean_up(bench_app, bench_queue)
 
 
 def measure_cold_start(run, case, tag):
     """Seconds from launching a worker to the end of its first task (already queued)."""
     run.use_queue(tag)
     bench_app = make_app(case.settings)
-    with deadline(run.timeout, "queueing the cold-start task"):
-        with bench_app.connection_for_write() as connection:
-            bench_queue(bench_app)(connection.default_channel).declare()
-        result = bench_app.tasks["bench.stamp"].delay()
-    launched = time.time()
-    procs, names = run.start(case, tag)
+    procs, names = None, []
     try:
-        with deadline(2 * run.timeout, "a cold-started worker's first task"):
+        with deadline(run.timeout, "queueing the cold-start task"):
+            with bench_app.connection_for_write() as connection:
+                bench_queue(bench_app)(connection.default_channel).declare()
+            result = bench_app.tasks["bench.stamp"].delay()
+        launched = time.time()
+        procs, names = run.start(case, tag)
+        with deadline(2 * run.timeout + 5, "a cold-started worker's first task"):
             return result.get(timeout=2 * run.timeout, interval=0.01) - launched
     finally:
-        run.stop(bench_app, names, procs)
-        remove_queue(bench_app, bench_queue)
-        bench_app.close()
+        if procs:
+            run.stop(bench_app, names, procs)
+        clean_up(bench_app, bench_queue)

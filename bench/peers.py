@@ -17,10 +17,8 @@ import os
 import sys
 import time
 
-import stack
-
 from .profiling import CpuMeter
-from .run import check_alive
+from .run import bounded, deadline, wait_count
 from .worker import _done, noop
 
 
@@ -111,40 +109,34 @@ def measure_peer(run, case, tag, count):
         argv += ["--url", redis_url(), "--name", peer_name(), peer_name()]
     procs = run.processes(env)
     run.start_process(procs, tag, argv)
-    send, close = peer_sender(name)
+    close = None
     try:
-        send(1)  # these workers tell nobody they are ready: wait for a first job instead
-        wait_tally(tally, 1, procs, run.timeout)
-        cpu = CpuMeter(procs.pids())
-        started = time.time()
-        send(count)
-        done = wait_tally(tally, count + 1, procs, run.wait_for(count, rate=100))
-        return {"rate": (done["count"] - 1) / (done["last"] - started) if done["count"] > 1
-                else 0.0, "sent": count, "completed": max(0, done["count"] - 1),
-                "cpu_us": cpu.per_message(count)}
+        with deadline(2 * run.timeout, f"case {case.name!r}") as renew:
+            send, close = peer_sender(name)
+            send(1)  # these workers tell nobody they are ready: wait for a first job instead
+            wait_count(lambda: read_tally(tally), procs, 1, run.timeout, run.timeout,
+                       f"{name}'s first job")
+            renew(run.wait_for(count))  # sending; then each tally that grows renews it
+            cpu = CpuMeter(procs.pids())
+            started = time.time()
+            send(count)
+            done, last = wait_count(lambda: read_tally(tally), procs, count + 1,
+                                    run.wait_for(count, rate=100), run.timeout,
+                                    f"{count} {name} jobs done", interval=0.02, renew=renew)
+        return {"rate": (done - 1) / (last - started) if done > 1 else 0.0, "sent": count,
+                "completed": max(0, done - 1), "cpu_us": cpu.per_message(count)}
     finally:
-        procs.stop_all(grace=10)
-        close()
+        procs.stop_all(grace=10)  # never under a deadline: stopping must always run
+        if close:
+            bounded(close, 10, f"closing {name}'s connection")
 
 
-def wait_tally(path, expected, procs, timeout):
-    """The peer's last tally once it reached ``expected``, or at the deadline."""
-    done = {"count": 0, "last": 0.0}
-
-    def reached():
-        check_alive(procs)
-        try:
-            with open(path) as f:
-                done.update(json.load(f))
-        except (OSError, ValueError):
-            pass
-        return done["count"] >= expected
-
+def read_tally(path):
     try:
-        stack.eventually(reached, f"{expected} jobs done", timeout, interval=0.02)
-    except TimeoutError:
-        pass
-    return done
+        with open(path) as f:
+            return [json.load(f)]
+    except (OSError, ValueError):  # not written yet
+        return []
 
 
 def peer_sender(name):

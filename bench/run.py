@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -26,27 +27,66 @@ class Stalled(RuntimeError):
     """A wait passed its deadline; the message says what was awaited and from which service."""
 
 
+_deadlines = []  # [end, what, seconds] of the deadlines in force, innermost last
+
+
+def _arm():
+    """Set the alarm for the soonest deadline; once it passed, fire again every second."""
+    if _deadlines:
+        soonest = min(end for end, _, _ in _deadlines) - time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, max(soonest, 0.001), 1.0)
+    else:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _expire(*_):
+    now = time.monotonic()
+    # a deadline whose block was left by another exception lingers: forget it after a while
+    _deadlines[:] = [d for d in _deadlines if d[0] > now - 30]
+    expired = [d for d in _deadlines if d[0] <= now]
+    _arm()
+    if expired:
+        _, what, seconds = expired[0]
+        raise Stalled(f"{what} did not finish within {seconds:.0f}s")
+
+
 @contextmanager
 def deadline(seconds, what):
     """Raise Stalled when the block runs longer than ``seconds``, also inside a blocking socket
-    call (a SIGALRM interrupts it). An enclosing deadline that ends sooner stays in charge."""
-    outer = signal.getitimer(signal.ITIMER_REAL)[0]
-    if threading.current_thread() is not threading.main_thread() or 0 < outer <= seconds:
-        yield
+    call (a SIGALRM interrupts it), and again every second until the block is left: kombu's
+    clean-up on the way out (closing a channel) would block on a frozen broker too.
+
+    Yields ``renew(seconds)``, which moves the deadline to ``seconds`` from now (a wait that
+    sees progress renews it). Wrap only the talking to services, not the stopping of processes.
+    """
+    entry = [time.monotonic() + seconds, what, seconds]
+
+    def renew(seconds):
+        entry[0], entry[2] = time.monotonic() + seconds, seconds
+        if entry in _deadlines:
+            _arm()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield renew
         return
-
-    def expire(*_):
-        raise Stalled(f"{what} did not finish within {seconds:.0f}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    started = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.signal(signal.SIGALRM, _expire)
+    _deadlines.append(entry)
+    _arm()
     try:
-        yield
+        yield renew
     finally:
-        left = outer - (time.monotonic() - started) if outer else 0
-        signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if outer else 0)
-        signal.signal(signal.SIGALRM, previous)
+        if entry in _deadlines:
+            _deadlines.remove(entry)
+        _arm()
+
+
+def bounded(call, seconds, what):
+    """call() within a deadline; None (and nothing raised) if it failed: for clean-up steps."""
+    try:
+        with deadline(seconds, what):
+            return call()
+    except Exception:  # the broker may be the problem; what follows must still run
+        return None
 
 
 def choose_broker(name):
@@ -159,14 +199,13 @@ class Run:
 
     def stop(self, app, names, procs):
         # Ask first: a worker without heartbeat takes up to 10 s to notice a SIGTERM.
-        try:
-            with deadline(10, "asking the workers to shut down"):
-                app.control.shutdown(destination=names)
+        if bounded(lambda: app.control.shutdown(destination=names) or True, 5, "shutdown"):
             for _, proc, _ in procs.started:
-                proc.wait(timeout=10)  # a profiled worker writes its stats while exiting
-        except Exception:  # the broker may be the problem; SIGTERM and SIGKILL follow anyway
-            pass
-        procs.stop_all(grace=10)
+                try:
+                    proc.wait(timeout=10)  # a profiled worker writes its stats while exiting
+                except subprocess.TimeoutExpired:
+                    break
+        procs.stop_all(grace=10)  # SIGTERM, then SIGKILL: never under a deadline
 
 
 def check_alive(procs):
@@ -182,34 +221,49 @@ def progress(app, names, timeout=1.0):
     return {node: value for reply in replies for node, value in reply.items()}
 
 
-def wait_done(app, names, procs, expected, timeout):
-    """Poll the workers' counts until ``expected`` tasks completed or the deadline passed;
-    return (completed, time of the last completion): a case that stalls shows how far it got."""
-    seen = {"count": 0, "last": 0.0}
+def wait_done(app, names, procs, expected, timeout, idle, renew=None):
+    """Poll the workers' counts until ``expected`` tasks completed, nothing more completed for
+    ``idle`` seconds, or ``timeout`` passed; return (completed, time of the last completion):
+    a case that stalls shows how far it got."""
+    return wait_count(lambda: progress(app, names).values(), procs, expected, timeout, idle,
+                      f"{expected} tasks done", renew=renew)
+
+
+def wait_count(read, procs, expected, timeout, idle, what, interval=0.05, renew=None):
+    """Sum what ``read()`` reports ({"count", "last"} each) until it reaches ``expected``, stops
+    growing for ``idle`` seconds, or ``timeout`` passed; return (count, last). Each time the
+    count grows, ``renew(idle + 10)`` moves the enclosing deadline."""
+    seen = {"count": 0, "last": 0.0, "since": time.monotonic()}
 
     def done():
         check_alive(procs)
-        replies = progress(app, names).values()
-        seen.update(count=sum(v["count"] for v in replies),
-                    last=max((v["last"] for v in replies), default=0.0))
-        return seen["count"] >= expected
+        values = list(read())
+        count = sum(v["count"] for v in values)
+        if count > seen["count"]:
+            seen.update(count=count, since=time.monotonic(),
+                        last=max((v["last"] for v in values), default=0.0))
+            if renew:
+                renew(idle + 10)
+        return count >= expected or time.monotonic() - seen["since"] > idle
 
     try:
-        stack.eventually(done, f"{expected} tasks done", timeout, interval=0.05)
+        stack.eventually(done, what, timeout, interval=interval)
     except TimeoutError:
         pass
     return seen["count"], seen["last"]
 
 
-def remove_queue(bench_app, bench_queue):
-    """Delete the case's queue and exchange; return how many messages were still in it."""
-    try:
-        with deadline(15, "deleting the case's queue"), \
-                bench_app.connection_for_write() as connection:
+def clean_up(bench_app, bench_queue):
+    """Delete the case's queue and exchange and close the app's connections, each within a
+    deadline; return how many messages were still in the queue."""
+    def remove():
+        with bench_app.connection_for_write() as connection:
             queue = bench_queue(bench_app)(connection.default_channel)
             left = queue.queue_declare(passive=True).message_count
             queue.delete()
             queue.exchange.delete()
             return left
-    except Exception:  # never declared (the case failed early), or the broker is gone
-        return 0
+    # None: never declared (the case failed early), or the broker is gone
+    left = bounded(remove, 5, "deleting the case's queue")
+    bounded(bench_app.close, 5, "closing the connections")
+    return left or 0
