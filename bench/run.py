@@ -28,6 +28,7 @@ class Stalled(RuntimeError):
 
 
 _deadlines = []  # [end, what, seconds] of the deadlines in force, innermost last
+_outside = []  # the alarm handler and time left from before the first deadline
 
 
 def _arm():
@@ -63,21 +64,27 @@ def deadline(seconds, what):
 
     def renew(seconds):
         entry[0], entry[2] = time.monotonic() + seconds, seconds
-        if entry in _deadlines:
+        if any(d is entry for d in _deadlines):
             _arm()
 
     if threading.current_thread() is not threading.main_thread():
         yield renew
         return
-    signal.signal(signal.SIGALRM, _expire)
+    if not _deadlines:  # someone else's alarm (pytest-timeout's): put it back afterwards
+        _outside[:] = [signal.signal(signal.SIGALRM, _expire),
+                       signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()]
     _deadlines.append(entry)
     _arm()
     try:
         yield renew
     finally:
-        if entry in _deadlines:
-            _deadlines.remove(entry)
+        _deadlines[:] = [d for d in _deadlines if d is not entry]
         _arm()
+        if not _deadlines and _outside:
+            handler, left, since = _outside
+            signal.signal(signal.SIGALRM, handler)
+            if left:
+                signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - since), 0.001))
 
 
 def bounded(call, seconds, what):
