@@ -35,7 +35,7 @@ def _arm():
     """Set the alarm for the soonest deadline; once it passed, fire again every second."""
     if _deadlines:
         soonest = min(end for end, _, _ in _deadlines) - time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, max(soonest, 0.001), 1.0)
+        signal.setitimer(signal.ITIMER_REAL, soonest if soonest > 0 else 1.0, 1.0)
     else:
         signal.setitimer(signal.ITIMER_REAL, 0)
 

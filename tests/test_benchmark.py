@@ -179,6 +179,7 @@ def test_a_deadline_interrupts_a_blocked_socket_read_and_the_cleanup_after_it():
     way out that blocks too, both end once the deadline passed."""
     from bench.run import Stalled, deadline
     a, b = socket.socketpair()
+    a.settimeout(10)  # if the deadline did not work: a failure in 10 s, not a hang
     started = time.monotonic()
     with a, b, pytest.raises(Stalled, match="reading from a frozen peer did not finish"):
         with deadline(0.3, "reading from a frozen peer"):
