@@ -92,11 +92,9 @@ def peer_missing(name, broker, backend, vhost):
     for module in {"dramatiq": ("dramatiq", "pika"), "huey": ("huey",), "rq": ("rq",)}[name]:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install -r requirements-bench.txt)"
-    if name == "dramatiq":
-        if broker.startswith("redis"):
-            return None
-        return None if vhost else "needs RabbitMQ with a throw-away vhost (rabbitmqctl) or Redis"
-    if not (broker.startswith("redis") or backend.startswith("redis://")):
+    if name == "dramatiq" and not (vhost or broker.startswith("redis")):
+        return "needs RabbitMQ with a throw-away vhost (rabbitmqctl) or Redis"
+    if name != "dramatiq" and not (broker.startswith("redis") or backend.startswith("redis://")):
         return "needs Redis (--broker redis, or CELERY_RESULT_BACKEND=redis://...)"
     return None
 
