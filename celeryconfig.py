@@ -98,6 +98,15 @@ task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_st
 redis_socket_connect_timeout = 3
 redis_socket_timeout = 30                    # longer than any single Redis round-trip
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+
+# --- Hosts that vanish (power loss, a cut cable: no FIN, no RST; docs/more-machines.md) ------
+# AMQP heartbeats: both ends send one every broker_heartbeat / 2 s and give up on a peer that
+# sent nothing for about two intervals. RabbitMQ then closes a vanished worker's connection and
+# hands its unacknowledged (late-ack) tasks to another worker; a worker whose broker vanished
+# notices the same way and starts reconnecting. Celery's default, 120 s, means minutes of a
+# held task; 10 s detects a vanished host in 20-30 s, for one small frame each 5 s per
+# connection. (Issue 9, branch `faults`, owns this setting: set here until it lands on main.)
+broker_heartbeat = 10
 # Several demo runs (or test runs) can share one Redis when each has its own key prefix.
 if os.environ.get("CELERY_RESULT_KEYPREFIX"):
     result_backend_transport_options["global_keyprefix"] = os.environ["CELERY_RESULT_KEYPREFIX"]

@@ -9,6 +9,8 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     compose.py     docker compose up/stop and the compose broker's URL
     testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
     flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
+    hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
+    brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """

@@ -26,6 +26,13 @@ MEMORY_ENV = {"CELERY_BROKER_URL": "memory://localhost/", "CELERY_RESULT_BACKEND
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def skip(reason):
+    """Skip this test, saying why; on CI (CI=true) fail instead: CI runs every test."""
+    if ON_CI:
+        pytest.fail(f"CI=true, so this test must run, but: {reason}")
+    pytest.skip(reason)
+
+
 @functools.lru_cache(maxsize=None)
 def rabbit_problem():
     """None when RabbitMQ, Redis and rabbitmqctl are all usable, else what is missing."""
@@ -42,9 +49,7 @@ def rabbit_problem():
 def require_rabbit():
     problem = rabbit_problem()
     if problem:
-        if ON_CI:
-            pytest.fail(f"CI=true, so the RabbitMQ tests must run, but: {problem}")
-        pytest.skip(f"RabbitMQ + Redis not available: {problem}")
+        skip(f"RabbitMQ + Redis not available: {problem}")
 
 
 @pytest.fixture
