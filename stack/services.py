@@ -4,6 +4,7 @@ Owns: the default URLs, ServiceUnavailable, check_broker / check_backend / reach
 forget_pending_results (a client's clean exit from a Redis result backend).
 """
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from kombu.utils.url import maybe_sanitize_url
 
@@ -34,10 +35,41 @@ def check_broker(url, timeout=3.0):
     try:
         with Connection(url, connect_timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
-    except Exception as exc:  # every failure here means the same to the user
-        raise ServiceUnavailable(
+    except Exception as exc:  # every failure here means the same to the user ...
+        refused = login_refused(url, exc)  # ... except a broker that answers and says no
+        raise ServiceUnavailable(refused or (
             f"cannot reach the broker at {mask(url)} ({exc.__class__.__name__}: {exc}); "
-            f"{START_HINT}") from None
+            f"{START_HINT}")) from None
+
+
+def login_refused(url, exc):
+    """The fix for a RabbitMQ that refused the login or the vhost, else None.
+
+    guest/guest works only from the broker's own machine (RabbitMQ's loopback_users): a
+    worker or client on another host gets ACCESS_REFUSED and needs a user of its own.
+    """
+    text = str(exc)
+    if "ACCESS_REFUSED" not in text and "NOT_ALLOWED" not in text:
+        return None
+    parsed = urlparse(url)
+    user, vhost = unquote(parsed.username or "guest"), unquote(parsed.path[1:] or "/")
+    create = ("on the broker host create a user and a vhost for the demo: "
+              "`rabbitmqctl add_user celery PASSWORD`, `rabbitmqctl add_vhost celery-demo`, "
+              "`rabbitmqctl set_permissions -p celery-demo celery '.*' '.*' '.*'`, then use "
+              f"CELERY_BROKER_URL=amqp://celery:PASSWORD@{parsed.hostname}:{parsed.port or 5672}"
+              "/celery-demo (docs/more-machines.md)")
+    if "NOT_ALLOWED" in text:
+        return (f"the broker at {mask(url)} let {user!r} log in but refused the vhost {vhost!r} "
+                f"(NOT_ALLOWED): the vhost does not exist or the user has no permission on it; "
+                f"`rabbitmqctl add_vhost {vhost}` and `rabbitmqctl set_permissions -p {vhost} "
+                f"{user} '.*' '.*' '.*'` on the broker host fix it")
+    if user == "guest" and parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
+        return (f"the broker at {mask(url)} refused the login of 'guest' (ACCESS_REFUSED): "
+                f"RabbitMQ lets guest log in only from the broker's own machine (localhost), "
+                f"not from another host; "
+                f"{create}")
+    return (f"the broker at {mask(url)} refused the login of {user!r} (ACCESS_REFUSED): wrong "
+            f"user name or password, or the user does not exist; {create}")
 
 
 def check_backend(url, timeout=3.0):
