@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -129,9 +130,10 @@ def start_broker_host(hosts, host="broker", user="demo", vhost="demo", password=
             raise HostsUnavailable(f"the broker host's RabbitMQ did not start within "
                                    f"{timeout}s:\n{hosts.log('rabbitmq-server')}")
         time.sleep(1)
-    broker.rabbitmqctl("add_user", user, broker.password)
-    broker.rabbitmqctl("add_vhost", vhost)
-    broker.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    if user:  # None: the caller creates users (the chapter's commands do, in the tests)
+        broker.rabbitmqctl("add_user", user, broker.password)
+        broker.rabbitmqctl("add_vhost", vhost)
+        broker.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     return broker
 
 
@@ -172,10 +174,19 @@ def client_env(hosts, broker, host="client"):
     return {**broker.env(), "DEMO_HTTP_HOST": address, "DEMO_HTTP_BIND": address}
 
 
-def client_app(broker):
-    """A Celery client for the broker host (use it inside another host: ``hosts.inside``)."""
+@contextmanager
+def client(hosts, broker, host="client"):
+    """A Celery client app on ``host`` (this thread's sockets live there meanwhile); every
+    connection it opened is closed at the end, so nothing keeps the namespace alive."""
     from celery import Celery
-    app = Celery("hosts-client", set_as_current=False)
-    app.config_from_object("celeryconfig")
-    app.conf.update(broker_url=broker.broker_url(), result_backend=broker.result_backend)
-    return app
+    with hosts.inside(host):
+        app = Celery("hosts-client", set_as_current=False)
+        app.config_from_object("celeryconfig")
+        app.conf.update(broker_url=broker.broker_url(), result_backend=broker.result_backend)
+        try:
+            yield app
+        finally:
+            backend = app._backend  # None when nothing asked for a result
+            if backend is not None and hasattr(backend, "client"):
+                backend.client.connection_pool.disconnect()  # pub/sub connections too
+            app.close()

@@ -85,7 +85,7 @@ def _alive(pid):
         return True
 
 
-def _namespaces():
+def namespaces():
     out = _ip("netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
@@ -107,7 +107,7 @@ def _kill_namespace(ns, grace=3.0):
 
 def remove_stale():
     """Remove the namespaces of earlier runs whose process no longer exists (a SIGKILLed run)."""
-    for ns in _namespaces():
+    for ns in namespaces():
         parts = ns.split("-")
         if ns.startswith(PREFIX + "-") and len(parts) > 3 and parts[2].isdigit() \
                 and not _alive(int(parts[2])):
@@ -182,9 +182,9 @@ class Hosts:
         if self.processes:
             self.processes.stop_all(grace=5)
         for host in self.hosts.values():
-            if host.ns in _namespaces():
+            if host.ns in namespaces():
                 _kill_namespace(host.ns)
-        if self.switch in _namespaces():
+        if self.switch in namespaces():
             _kill_namespace(self.switch)
         if self.own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -192,7 +192,7 @@ class Hosts:
     def leftovers(self):
         """Namespaces of this run that still exist (a test checks this is empty after close)."""
         mine = {h.ns for h in self.hosts.values()} | {self.switch}
-        return sorted(mine & set(_namespaces()))
+        return sorted(mine & set(namespaces()))
 
     # --- running things on a host ------------------------------------------------------------
     def command(self, host, argv):
@@ -263,8 +263,7 @@ class Hosts:
 def main(argv=None):
     import argparse
 
-    from .brokerhost import (HOST_NAMES, client_app, client_env, start_broker_host,
-                             start_workers)
+    from .brokerhost import HOST_NAMES, client, client_env, start_broker_host, start_workers
     from .processes import wait_for_workers
     from .services import HERE
     parser = argparse.ArgumentParser(prog="python -m stack.hosts",
@@ -294,12 +293,8 @@ def main(argv=None):
             say(f"broker host: RabbitMQ {broker.broker_url(password='**')} and Redis "
                 f"redis://:**@{broker.address}:6379/0, listening on {broker.address} only")
             nodes = start_workers(hosts, broker)
-            with hosts.inside("client"):
-                app = client_app(broker)
-                try:
-                    wait_for_workers(app, nodes, 60, hosts.processes)
-                finally:
-                    app.close()
+            with client(hosts, broker) as app:
+                wait_for_workers(app, nodes, 60, hosts.processes)
             say(f"workers answer from their hosts: {', '.join(nodes)}; beat on worker1")
             command = [sys.executable, "client_fixed.py", "--timeout", str(args.timeout)]
             command += ["--only", args.only] if args.only else []
@@ -317,7 +312,7 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001  one line, not a traceback; the hosts are gone
         print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         code = 1
-    left = [ns for ns in _namespaces() if ns.startswith(f"{PREFIX}-{os.getpid()}-")]
+    left = [ns for ns in namespaces() if ns.startswith(f"{PREFIX}-{os.getpid()}-")]
     say(f"exit code {code}; " + (f"left behind: {', '.join(left)}" if left else
                                  "every namespace, link and process removed"))
     return code
