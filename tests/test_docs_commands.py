@@ -33,7 +33,10 @@ SHELLS = ("bash", "sh", "shell", "console")
 EMBEDDED_CELERY = re.compile(r"(?:^|[\s=])((?:[^\s=]*/)?celery\s+(?:-A|--app|--workdir|multi)\s.*)$", re.M)
 INLINE = re.compile(r"(?<!`)``?(?!`)((?:celery|python|\.venv/bin/python) [^`]+?)``?(?!`)")
 PROGRAMS = {"celery", "python", "python3", "make", "docker", "pip", "cd", "mkdir", "kill", "curl",
-            "export", "systemctl", "journalctl", "apt-get", "rabbitmqctl", ".", "source", "pytest"}
+            "export", "systemctl", "journalctl", "apt-get", "rabbitmqctl", ".", "source", "pytest",
+            "ss", "redis-cli", "date", "head"}
+# `python -m MODULE` of this project: its options are parsed like a script's
+OUR_MODULES = {"stack.hosts": "stack/hosts.py"}
 
 
 def _substitute(command):
@@ -143,11 +146,14 @@ def check_python(argv):
     import argparse
     import runpy
     args = argv[1:]
-    if args[:1] == ["-m"]:
+    module = args[1] if args[:1] == ["-m"] and args[1] in OUR_MODULES else None
+    if args[:1] == ["-m"] and not module:
         return None if args[1] in ("pytest", "celeryconfig", "venv", "pip") else f"module {args[1]}?"
     if args[:1] == ["-c"]:
         return None
-    script = ROOT / args[0]
+    if module:
+        args = args[1:]  # [module, options...], checked like a script
+    script = ROOT / (OUR_MODULES.get(module) or args[0])
     if not script.is_file():
         return f"{args[0]} does not exist"
     if "argparse" not in script.read_text():
@@ -165,7 +171,10 @@ def check_python(argv):
     argparse.ArgumentParser.parse_args = parse_only
     sys.argv = [str(script), *args[1:]]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(script), run_name="__main__")
     except Parsed:
         return None
     except SystemExit as exc:
