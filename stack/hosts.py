@@ -44,10 +44,13 @@ def problem():
     if os.geteuid() != 0:
         return ("the multi-host harness needs root (network namespaces, veth links, setns); "
                 "run it with sudo, e.g. `sudo .venv/bin/python -m stack.hosts`")
-    for tool in ("ip", "unshare", "hostname", "redis-server", "rabbitmq-server"):
-        if not shutil.which(tool):
-            return f"`{tool}` is not installed (the harness needs iproute2, util-linux, " \
-                   f"redis-server and rabbitmq-server)"
+    from .brokerhost import RABBIT_BIN
+    tools = [shutil.which(t) and t for t in ("ip", "unshare", "hostname", "redis-server")]
+    for tool, found in zip(("ip", "unshare", "hostname", "redis-server", "rabbitmq-server"),
+                           tools + [os.path.exists(f"{RABBIT_BIN}/rabbitmq-server")]):
+        if not found:
+            return (f"`{tool}` is not installed (the harness needs iproute2, util-linux, "
+                    f"redis-server, and rabbitmq-server's scripts in {RABBIT_BIN})")
     probe = f"{PREFIX}-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode:
@@ -278,12 +281,12 @@ def main(argv=None):
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt  # SIGTERM too: the with-block below removes everything
-    signal.signal(signal.SIGTERM, interrupt)
     try:
         require_root()
     except HostsUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, interrupt)
     code = 1
     try:
         with Hosts(HOST_NAMES, args.run_dir) as hosts:

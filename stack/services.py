@@ -1,6 +1,7 @@
 """Find and check brokers and result backends: masked URLs, one clear error when one is down.
 
-Owns: the default URLs, ServiceUnavailable, check_broker / check_backend / reachable, and
+Owns: the default URLs, ServiceUnavailable, check_broker (with login_refused: the fix for a
+refused login) / check_backend / reachable, and
 forget_pending_results (a client's clean exit from a Redis result backend).
 """
 from pathlib import Path

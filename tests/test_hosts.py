@@ -308,3 +308,11 @@ def test_the_chapter_has_the_same_sections_and_code_in_both_languages():
     for readme, link in (("README.md", "docs/more-machines.md"),
                          ("README.zh-CN.md", "docs/more-machines.zh-CN.md")):
         assert f"]({link})" in (ROOT / readme).read_text(encoding="utf-8")
+
+
+def test_the_harness_says_it_needs_root_and_exits(monkeypatch, capsys):
+    monkeypatch.setattr(hostlib.os, "geteuid", lambda: 1000)  # as a user who is not root
+    assert hostlib.main(["--only", "basic"]) == 2
+    said = capsys.readouterr().err
+    assert "the multi-host harness needs root" in said and "sudo .venv/bin/python -m stack.hosts" \
+        in said
