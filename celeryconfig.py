@@ -3,12 +3,20 @@
     python -m celeryconfig          # print the effective configuration (passwords masked)
 
 Every URL can be overridden from the environment, so the same code runs against RabbitMQ,
-Docker, or the embedded file-based stack that ``run_demo.py`` falls back to:
+Redis, Amazon SQS, Docker, or the embedded file-based stack that ``run_demo.py`` falls back to
+(``python run_demo.py --broker redis --backend postgresql`` sets them for you):
 
-    CELERY_BROKER_URL       default amqp://guest:guest@localhost:5672//
-    CELERY_RESULT_BACKEND   default redis://localhost:6379/0
+    CELERY_BROKER_URL       default amqp://guest:guest@localhost:5672//; or
+                            redis://localhost:6379/0, sqs://KEY:SECRET@ (Amazon) or
+                            sqs://KEY:SECRET@127.0.0.1:PORT (a local SQS-compatible server)
+    CELERY_RESULT_BACKEND   default redis://localhost:6379/0; or rpc://, file:///PATH,
+                            db+postgresql+psycopg://USER:PASSWORD@localhost:5432/DATABASE
     CELERY_FS_ROOT          folder for the filesystem:// broker (set by run_demo.py --broker embedded)
     CELERY_RESULT_KEYPREFIX optional prefix for every result key in Redis (isolates test runs)
+    CELERY_BROKER_PREFIX    optional prefix for the broker's Redis keys or SQS queue names (ditto)
+
+What each broker and backend can and cannot do (chords on rpc://, remote control on SQS, the
+direction of priorities) is a table in stack/capabilities.py.
 """
 import os
 from datetime import timedelta
@@ -42,6 +50,36 @@ if broker_url.startswith("memory://"):
 # The price: about twice the client CPU per message (benchmark.py: 157 vs 70 us per send).
 if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
     broker_transport_options = {"confirm_publish": True}
+
+# Redis as the broker. A message a worker has taken but not yet acknowledged goes back to the
+# queue after `visibility_timeout`: a late-ack task (tasks.slow_task) that runs longer than that,
+# or a countdown/eta further ahead, is delivered again and RUNS TWICE. Keep it above your
+# longest task and countdown (kombu's default is the same hour; it is here to be seen).
+# Priorities work, but 0 is the MOST urgent (the opposite of RabbitMQ), and each queue is split
+# into one list per step of `priority_steps`: priorities 1-3 share a list, and so on.
+if broker_url.startswith(("redis://", "rediss://")):
+    broker_transport_options = {"visibility_timeout": 3600, "priority_steps": [0, 3, 6, 9],
+                                "queue_order_strategy": "priority"}
+    if os.environ.get("CELERY_BROKER_PREFIX"):  # every key and channel, so runs never mix
+        broker_transport_options["global_keyprefix"] = os.environ["CELERY_BROKER_PREFIX"]
+
+# Amazon SQS (or a local SQS-compatible server: `python run_demo.py --broker sqs` starts one).
+# SQS has no fanout exchange, so Celery has no remote control there (no inspect, ping, revoke
+# broadcast) and no events (no Flower). visibility_timeout means the same as on Redis.
+if broker_url.startswith("sqs://"):
+    broker_transport_options = {
+        "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "visibility_timeout": 3600,
+        # Long polling: a receive waits up to 2 s on the server and returns as soon as a
+        # message arrives; on Amazon, 10-20 s costs fewer requests, but a worker's warm
+        # shutdown then waits that long for its last poll.
+        "wait_time_seconds": 2,
+        "polling_interval": 0,
+        "queue_name_prefix": os.environ.get("CELERY_BROKER_PREFIX", ""),
+        # botocore's defaults (60 s, several retries) would hide a missing endpoint for minutes
+        "client-config": {"connect_timeout": 3, "read_timeout": 10,
+                          "retries": {"max_attempts": 2}},
+    }
 
 # --- Serialization: JSON only. Pickle lets whoever can publish a message run code. ----------
 task_serializer = "json"
@@ -98,6 +136,10 @@ task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_st
 redis_socket_connect_timeout = 3
 redis_socket_timeout = 30                    # longer than any single Redis round-trip
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+# PostgreSQL results (SQLAlchemy): tables celery_taskmeta/celery_tasksetmeta are created on first
+# use; a server that does not answer fails a connect within 3 s instead of the OS's minutes.
+if result_backend.startswith("db+postgresql"):
+    database_engine_options = {"connect_args": {"connect_timeout": 3}, "pool_pre_ping": True}
 
 # --- Hosts that vanish (power loss, a cut cable: no FIN, no RST; docs/more-machines.md) ------
 # AMQP heartbeats: both ends send one every broker_heartbeat / 2 s and give up on a peer that
@@ -131,7 +173,8 @@ worker_cancel_long_running_tasks_on_connection_loss = True  # late-ack tasks are
 def summary():
     """The effective settings as printable lines, with passwords masked."""
     from kombu.utils.url import maybe_sanitize_url
-    names = sorted(k for k in globals() if k[0].islower() and k != "summary")
+    names = sorted(k for k in globals()
+                   if k[0].islower() and k not in ("summary", "effective_pair"))
     lines = []
     for name in names:
         value = globals()[name]
@@ -143,5 +186,16 @@ def summary():
     return lines
 
 
+def effective_pair():
+    """Which broker and result backend this configuration uses, and what they cannot do."""
+    from stack import capabilities
+    offers = capabilities.offers_for(broker_url, result_backend)
+    from kombu.utils.url import maybe_sanitize_url as masked
+    lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "
+             f"result backend: {offers.backend.kind} ({masked(result_backend)})"]
+    lines += [f"#   cannot: {feature}: {why}" for feature, why in offers.missing()]
+    return lines
+
+
 if __name__ == "__main__":
-    print("\n".join(summary()))
+    print("\n".join(effective_pair() + summary()))

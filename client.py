@@ -56,8 +56,9 @@ def walk_through():
     result = tasks.slow_task.delay(5, step_seconds=0.3)
     deadline, seen = time.monotonic() + TIMEOUT, None
     while not result.ready() and time.monotonic() < deadline:
-        if result.state == "PROGRESS" and result.info != seen:
-            seen = result.info
+        meta = result.backend.get_task_meta(result.id)  # state and info read together
+        if meta["status"] == "PROGRESS" and meta["result"] != seen:
+            seen = meta["result"]
             print(f"  step {seen['current']} of {seen['total']}")
         time.sleep(0.05)
     print("slow_task returned", result.get(timeout=TIMEOUT))

@@ -9,7 +9,9 @@ starts them and then runs this file. "Fixed" because it guards against what make
 client hang or mislead (see client.py): every wait has a deadline, a task still PENDING at its
 deadline is explained (usually: no worker consumes its queue), an unreachable broker or a
 stack without any worker is reported in seconds, and the summary table and exit code say
-what passed.
+what passed. A demo this broker or result backend cannot carry (chords on rpc://, inspect on
+SQS; see stack/capabilities.py) is reported "unsupported" with the reason, not run; the exit
+code is 0 when every supported demo passed.
 """
 import argparse
 import json
@@ -17,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.markup import escape
@@ -51,12 +52,9 @@ def parse_args():
 def make_context():
     return demos.Context(
         app=tasks.app,
-        # Only RabbitMQ hands out the highest priority first (queues have x-max-priority)
-        supports_priority=urlparse(tasks.app.conf.broker_url).scheme in ("amqp", "pyamqp"),
-        can_terminate=True,  # revoke(terminate=True) works with the prefork pool of real workers
-        time_limits=True,    # and so do time limits
-        # rpc:// results reach only the caller; every other backend here is shared
-        shared_results=not tasks.app.conf.result_backend.startswith(("rpc://", "cache+memory://")),
+        # What this broker and result backend can carry; the workers run the prefork pool
+        offers=stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend,
+                                pool="prefork"),
         # In docker compose the workers reach this client's flaky HTTP server by its service name
         http_host=os.environ.get("DEMO_HTTP_HOST", "127.0.0.1"),
         http_bind=os.environ.get("DEMO_HTTP_BIND", "127.0.0.1"))
@@ -71,7 +69,7 @@ def run_all(ctx, names, timeout, outcomes):
         for name in names:
             left = end - time.monotonic()
             if left < 1:
-                outcomes.append(demos.Outcome(name, False, 0.0, f"not run: the --timeout of "
+                outcomes.append(demos.Outcome(name, "failed", 0.0, f"not run: the --timeout of "
                                               f"{timeout:.0f}s for the whole run was used up"))
                 continue
             bar = progress.add_task(f"{name}: {escape(demos.describe(name))}", total=None, steps="")
@@ -80,9 +78,16 @@ def run_all(ctx, names, timeout, outcomes):
                 bar, completed=current, total=total, steps=f"step {current}/{total}")
             outcome = demos.run(ctx, name, min(demos.deadline_for(name), left))
             progress.remove_task(bar)
-            console.print(f"[green]PASS[/] {name} ({outcome.seconds:.1f}s)" if outcome.ok else
-                          f"[red]FAIL[/] {name} ({outcome.seconds:.1f}s): {escape(outcome.detail)}")
+            console.print(LINE[outcome.status].format(name=name, seconds=outcome.seconds,
+                                                      detail=escape(outcome.detail)))
             outcomes.append(outcome)
+
+
+LINE = {"passed": "[green]PASS[/] {name} ({seconds:.1f}s)",
+        "failed": "[red]FAIL[/] {name} ({seconds:.1f}s): {detail}",
+        "unsupported": "[yellow]UNSUPPORTED[/] {name}: {detail}"}
+RESULT = {"passed": "[green]passed[/]", "failed": "[red]FAILED[/]",
+          "unsupported": "[yellow]unsupported[/]"}
 
 
 def show_summary(outcomes, notes):
@@ -90,17 +95,20 @@ def show_summary(outcomes, notes):
     for column in ("demo", "result", "seconds", "detail"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for o in outcomes:
-        table.add_row(o.name, "[green]passed[/]" if o.ok else "[red]FAILED[/]",
-                      f"{o.seconds:.1f}", escape(o.detail))
+        table.add_row(o.name, RESULT[o.status], f"{o.seconds:.1f}", escape(o.detail))
     console.print(table)
     for note in notes:
         console.print(f"note: {escape(note)}")
-    passed = sum(o.ok for o in outcomes)
-    console.print(f"[bold]{passed} passed, {len(outcomes) - passed} failed[/]")
+    console.print(f"[bold]{demos.count(outcomes)}[/]")
 
 
-def check_workers(app):
+def check_workers(app, offers):
     """None when some worker answers; warns about each queue that no worker consumes."""
+    if not offers.offers("remote_control"):
+        console.print(f"[yellow]note:[/] workers cannot be asked on this broker "
+                      f"({escape(offers.lacks('remote_control'))}); a queue without a worker "
+                      f"shows as a task still PENDING at its deadline")
+        return None
     replies = app.control.inspect(timeout=1.0).active_queues() or {}
     if not replies:
         return ("no worker answers, so every task would stay PENDING. Start the whole stack "
@@ -131,14 +139,15 @@ def main():
     except stack.ServiceUnavailable as exc:
         Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
-    problem = check_workers(tasks.app)
+    ctx = make_context()
+    problem = check_workers(tasks.app, ctx.offers)
     if problem:
         Console(stderr=True).print(f"[red]error:[/] {escape(problem)}")
         return 1
     signal.signal(signal.SIGTERM, interrupt)
     console.print(f"broker {stack.mask(broker)}, results {stack.mask(backend)}: "
                   f"running {len(args.names)} demos")
-    ctx, outcomes, interrupted = make_context(), [], False
+    outcomes, interrupted = [], False
     started = time.monotonic()
     try:
         run_all(ctx, args.names, args.timeout, outcomes)
@@ -152,9 +161,10 @@ def main():
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"passed": ok, "interrupted": interrupted, "broker": stack.mask(broker),
-                       "backend": stack.mask(backend),
+                       "backend": stack.mask(backend), "stack": ctx.offers.name(),
                        "seconds": round(time.monotonic() - started, 2), "notes": ctx.notes,
-                       "demos": [vars(o) for o in outcomes]}, out, indent=2)
+                       "summary": demos.count(outcomes),
+                       "demos": [o.as_dict() for o in outcomes]}, out, indent=2)
     return 130 if interrupted else 0 if ok else 1
 
 

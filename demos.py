@@ -1,7 +1,10 @@
 """The catalogue of demos: one small function per Celery feature.
 
-Each demo sends its tasks, waits for them with a deadline (never a bare ``.get()``), checks the
-outcome and returns one line saying what it showed; it raises ``DemoFailed`` otherwise.
+Each demo declares what it needs of the stack (``@demo(needs=...)``: chords, priority, remote
+control, ...; the features are listed in stack/capabilities.py), sends its tasks, waits for them
+with a deadline (never a bare ``.get()``), checks the outcome and returns one line saying what
+it showed; it raises ``DemoFailed`` otherwise. A demo the stack cannot carry is not run: its
+outcome is "unsupported", with the reason (``stack.decide``).
 ``client_fixed.py`` runs them against the real stack, ``complete_demo.py`` against in-process
 workers, and the tests against both. Not a script: import it.
 """
@@ -18,15 +21,26 @@ import tasks
 from stack import FlakyServer  # noqa: F401 - the retry demo's server, also demos.FlakyServer
 
 DEMOS = {}  # name -> function, in the order a reader should meet them
+NEEDS = {}  # name -> the features of stack/capabilities.py it needs
 
 
 class DemoFailed(AssertionError):
     """A demo whose outcome was not what it teaches; the message says what went wrong."""
 
 
-def demo(func):
-    DEMOS[func.__name__.removeprefix("demo_")] = func
-    return func
+def demo(func=None, *, needs=()):
+    """Register a demo: ``@demo``, or ``@demo(needs=("chords",))`` when it needs more of the
+    stack than a broker and a result backend."""
+    def register(func):
+        name = func.__name__.removeprefix("demo_")
+        DEMOS[name], NEEDS[name] = func, stack.capabilities.known(needs)  # a typo fails here
+        return func
+    return register(func) if func else register
+
+
+def unsupported(name, offers):
+    """None when a stack with ``offers`` can run demo ``name``, else the reason it cannot."""
+    return stack.decide(NEEDS[name], offers)
 
 
 def describe(name):
@@ -38,15 +52,16 @@ def describe(name):
 class Context:
     """What a demo needs to know about the stack it runs on."""
     app: object
+    offers: object = None                 # stack.offers_for(broker, backend, pool): what it can do
     deadline: float = 0.0                 # monotonic time by which the current demo must end
-    supports_priority: bool = False       # only RabbitMQ reorders a queue by priority
-    can_terminate: bool = False           # revoke(terminate=True) needs the prefork pool
-    time_limits: bool = False             # so do soft and hard time limits
-    shared_results: bool = False          # another process can read results (not cache+memory://)
     on_progress: object = None            # callback(current, total) for the progress demo
     http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
     http_bind: str = "127.0.0.1"          # where it listens (0.0.0.0 when workers are elsewhere)
     notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.offers is None:
+            self.offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend)
 
     def remaining(self):
         left = self.deadline - time.monotonic()
@@ -60,8 +75,13 @@ def check(condition, message):
         raise DemoFailed(message)
 
 
-def why_pending(app, queue):
+def why_pending(app, queue, offers=None):
     """Explain a task that nobody picked up: the usual cause is a queue with no worker."""
+    offers = offers or stack.offers_for(app.conf.broker_url, app.conf.result_backend)
+    if not offers.offers("remote_control"):  # cannot ask the workers (SQS)
+        return (f"this broker cannot ask workers what they consume ({offers.broker.kind}: no "
+                f"remote control); is a worker running for queue {queue!r}? "
+                f"`{' '.join(stack.worker_command(queue))}`")
     replies = app.control.inspect(timeout=1.0).active_queues() or {}
     if not replies:
         return (f"no worker is running at all; start one for queue {queue!r}: "
@@ -70,8 +90,9 @@ def why_pending(app, queue):
     if queue not in consumed:
         return (f"no worker consumes queue {queue!r} (workers: {', '.join(sorted(replies))}); "
                 f"start one: `{' '.join(stack.worker_command(queue))}`")
-    return (f"workers consume {queue!r} but did not finish in time: they may be busy, or the "
-            f"broker dropped the message (RabbitMQ discards a message whose `expires` passed)")
+    dropped = (", or the broker dropped the message (RabbitMQ discards a message whose "
+               "`expires` passed)") if offers.broker.drops_expired else ""
+    return f"workers consume {queue!r} but did not finish in time: they may be busy{dropped}"
 
 
 def wait(ctx, result, queue, timeout=None, propagate=True):
@@ -85,14 +106,15 @@ def wait(ctx, result, queue, timeout=None, propagate=True):
         result.backend.remove_pending_result(result)
         if result.state == "PENDING":
             raise DemoFailed(f"still PENDING after {limit:.0f}s: "
-                             f"{why_pending(ctx.app, queue)}") from None
+                             f"{why_pending(ctx.app, queue, ctx.offers)}") from None
         raise DemoFailed(f"not finished after {limit:.0f}s (state {result.state})") from None
 
 
 def wait_state(ctx, result, states, queue):
     while result.state not in states:
         if ctx.deadline - time.monotonic() < 0.2:
-            why = why_pending(ctx.app, queue) if result.state == "PENDING" else result.state
+            why = (why_pending(ctx.app, queue, ctx.offers) if result.state == "PENDING"
+                   else result.state)
             raise DemoFailed(f"expected {'/'.join(states)}, still {result.state}: {why}")
         time.sleep(0.05)
     return result.state
@@ -114,7 +136,7 @@ LOOKUP = ("import sys; from celery.result import AsyncResult; import tasks; "
           "print(result.state, result.get(timeout=float(sys.argv[2])))")
 
 
-@demo
+@demo(needs=("result_polling",))
 def demo_states(ctx):
     """Follow a task PENDING -> STARTED -> SUCCESS, then look it up by id in another process."""
     # countdown: the worker holds it 0.3 s before it starts, so PENDING is always seen first
@@ -127,9 +149,9 @@ def demo_states(ctx):
             seen.append(result.state)
     wait(ctx, result, "celery")
     check(seen == ["PENDING", "STARTED", "SUCCESS"], f"states seen: {seen}")
-    if not ctx.shared_results:
-        return (f"{' -> '.join(seen)}; another process cannot read this result backend "
-                f"({stack.mask(ctx.app.conf.result_backend)}), so no lookup by id here")
+    cannot = stack.decide(("shared_results",), ctx.offers)
+    if cannot:  # cache+memory:// (complete_demo.py): say so, rather than pretend
+        return f"{' -> '.join(seen)}; no lookup by id in another process here: {cannot}"
     # the same environment (broker, backend, key prefix) as this process: as another terminal
     done = subprocess.run([sys.executable, "-c", LOOKUP, result.id, "5"], cwd=stack.HERE,
                           capture_output=True, text=True, timeout=ctx.remaining())
@@ -139,17 +161,20 @@ def demo_states(ctx):
     return f"{' -> '.join(seen)}; another process: AsyncResult('{result.id[:8]}...') -> {answer}"
 
 
-@demo
+@demo(needs=("result_polling",))
 def demo_progress(ctx):
     """Follow a long task's PROGRESS state (update_state meta) until it succeeds."""
     result = tasks.slow_task.delay(5, step_seconds=0.3)
     seen = []
     while not result.ready():
         ctx.remaining()
-        if result.state == "PROGRESS" and (not seen or seen[-1] != result.info["current"]):
-            seen.append(result.info["current"])
+        # State and meta from ONE read: read apart, the task may finish in between and
+        # `result.info` is then its return value (a SQL backend is slow enough to show it)
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] == "PROGRESS" and (not seen or seen[-1] != meta["result"]["current"]):
+            seen.append(meta["result"]["current"])
             if ctx.on_progress:
-                ctx.on_progress(result.info["current"], result.info["total"])
+                ctx.on_progress(meta["result"]["current"], meta["result"]["total"])
         time.sleep(0.05)
     summary = wait(ctx, result, "slow_queue")
     check(seen and seen == sorted(seen), f"PROGRESS steps seen out of order: {seen}")
@@ -172,7 +197,7 @@ def demo_routing(ctx):
     return ", ".join(seen)
 
 
-@demo
+@demo(needs=("chords",))
 def demo_canvas(ctx):
     """group (parallel), chain (pipeline) and chord (parallel, then a callback)."""
     doubled = wait(ctx, group(tasks.process_data.s(i) for i in range(4)).delay(), "celery")
@@ -186,7 +211,7 @@ def demo_canvas(ctx):
     return f"group -> {len(doubled)} results; chain -> saved={saved['saved']}; chord -> {summary}"
 
 
-@demo
+@demo(needs=("chords",))  # a group followed by a task is a chord
 def demo_workflow(ctx):
     """Canvas primitives nested: a group of chains, then combine, then notify."""
     pipelines = group(chain(tasks.process_data.s(i), tasks.validate_data.s(),
@@ -232,7 +257,8 @@ def demo_retry(ctx):
 @demo
 def demo_time_limit(ctx):
     """A soft time limit the task catches (SoftTimeLimitExceeded), a hard one that kills it."""
-    if not ctx.time_limits:
+    cannot = stack.decide(("time_limits",), ctx.offers)
+    if cannot:
         # Threads (and solo) workers cannot interrupt a task: show that, rather than pretend
         value = wait(ctx, tasks.time_limited.delay(1.5), "celery")
         check(value["finished"], f"time_limited(1.5) returned {value}")
@@ -262,7 +288,7 @@ def demo_rate_limit(ctx):
     return f"6 tasks under rate_limit 5/s ran over {spread:.2f}s (about 0.2 s apart)"
 
 
-@demo
+@demo(needs=("remote_control",))  # counts the runs with `inspect stats`
 def demo_periodic(ctx):
     """beat sends tasks.check_system on a schedule; a worker runs it."""
     def runs():
@@ -277,7 +303,7 @@ def demo_periodic(ctx):
     return f"beat sent tasks.check_system (every 3 s); workers have run it {runs()} times"
 
 
-@demo
+@demo(needs=("result_polling",))  # failure_callback, a task, reads the failed task's result
 def demo_callbacks(ctx):
     """link / link_error callbacks and a Task subclass's on_success/on_failure/on_retry hooks."""
     on_success = tasks.success_callback.s()
@@ -306,9 +332,9 @@ def demo_logging(ctx):
             f"`tasks.log_work[{result.id[:8]}...]: working on item 1 of 3`")
 
 
-@demo
+@demo(needs=("priority", "remote_control"))  # counts the worker slots with `inspect stats`
 def demo_priority(ctx):
-    """A priority 9 task overtakes priority 1 tasks waiting in the queue (RabbitMQ)."""
+    """An urgent task overtakes routine ones waiting in the queue (RabbitMQ: 9, Redis: 0)."""
     # Keep every worker slot of the default queue busy, so the next tasks wait in the broker,
     # where RabbitMQ hands out the highest priority first.
     stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
@@ -316,23 +342,25 @@ def demo_priority(ctx):
     slots = sum(s["pool"].get("max-concurrency", 1) + s.get("prefetch_count", 1)
                 for name, s in stats.items()
                 if "celery" in {q["name"] for q in queues.get(name, [])})
-    blockers = [tasks.priority_task.apply_async(("blocker", 0.5)) for _ in range(slots + 2)]
-    low = [tasks.priority_task.apply_async((f"low{i}",), priority=1) for i in range(8)]
-    high = tasks.priority_task.apply_async(("high",), priority=9)
+    # RabbitMQ hands out the highest number first; Redis the lowest (0 is the most urgent).
+    urgent, routine = ctx.offers.broker.priority_levels()
+    blockers = [tasks.priority_task.apply_async(("blocker", 0.5), priority=urgent)
+                for _ in range(slots + 2)]
+    low = [tasks.priority_task.apply_async((f"low{i}",), priority=routine) for i in range(8)]
+    high = tasks.priority_task.apply_async(("high",), priority=urgent)
     for result in blockers + low + [high]:
         wait(ctx, result, "celery")
     order = [r.result["label"] for r in sorted(low + [high], key=lambda r: r.result["ran_at"])]
     rank = order.index("high")
-    if not ctx.supports_priority:
-        ctx.notes.append("this broker ignores priority: tasks ran in FIFO order")
-        return f"high started after {rank} of 8 earlier low tasks (no priority queues here: FIFO)"
     # Tasks that start in the same instant on several pool slots may swap places, so the check
     # is that "high" overtook most of the 8 tasks queued before it (FIFO would put it last).
-    check(rank <= 3, f"priority 9 should overtake the priority 1 tasks, ran {order}")
-    return f"8 tasks of priority 1, then 1 of priority 9: it started after only {rank} of them"
+    check(rank <= 3, f"priority {urgent} should overtake the priority {routine} tasks "
+                     f"({ctx.offers.broker.kind}: {ctx.offers.broker.priority}), ran {order}")
+    return (f"8 tasks of priority {routine}, then 1 of priority {urgent} "
+            f"({ctx.offers.broker.priority}): it started after only {rank} of them")
 
 
-@demo
+@demo(needs=("revoked_state",))
 def demo_expires(ctx):
     """A task whose `expires` passes before it runs is REVOKED, never run."""
     # The worker receives the message at once but holds it until its countdown; by then
@@ -343,15 +371,17 @@ def demo_expires(ctx):
     return "add(1, 1) with countdown=2, expires=1 -> REVOKED, never run"
 
 
-@demo
+@demo(needs=("remote_control", "revoked_state"))  # revoke() is a broadcast to every worker
 def demo_revoke(ctx):
     """revoke() a waiting task, and revoke(terminate=True) a running one."""
     queued = tasks.add.apply_async((2, 2), countdown=2)
     queued.revoke()
     state = wait_state(ctx, queued, ("REVOKED", "SUCCESS"), "celery")
     check(state == "REVOKED", f"a revoked task still ran ({state})")
-    if not ctx.can_terminate:
-        return "revoke() of a waiting task -> REVOKED (terminate needs the prefork pool)"
+    cannot = stack.decide(("terminate",), ctx.offers)
+    if cannot:
+        ctx.notes.append(f"revoke: only the waiting task; {cannot}")
+        return f"revoke() of a waiting task -> REVOKED (not terminate: {cannot})"
     running = tasks.slow_task.delay(40, step_seconds=0.25)
     wait_state(ctx, running, ("PROGRESS",), "slow_queue")
     running.revoke(terminate=True, signal="SIGTERM")
@@ -360,7 +390,7 @@ def demo_revoke(ctx):
     return "revoke() of a waiting task and revoke(terminate=True) of a running one -> REVOKED"
 
 
-@demo
+@demo(needs=("remote_control",))
 def demo_inspect(ctx):
     """app.control.inspect(): which workers are up, what they consume and know."""
     inspect = ctx.app.control.inspect(timeout=1.0)
@@ -377,20 +407,37 @@ def demo_inspect(ctx):
 @dataclass
 class Outcome:
     name: str
-    ok: bool
+    status: str        # "passed", "failed" or "unsupported" (this stack cannot carry it)
     seconds: float
     detail: str
+
+    @property
+    def ok(self):
+        """Not a failure: passed, or unsupported with its reason."""
+        return self.status != "failed"
+
+    def as_dict(self):
+        return {**vars(self), "ok": self.ok}
 
 
 def run(ctx, name, deadline_s):
     """Run one demo with its own deadline; never raises, returns an Outcome."""
+    why = unsupported(name, ctx.offers)
+    if why:
+        return Outcome(name, "unsupported", 0.0, why)
     ctx.deadline = time.monotonic() + deadline_s
     started = time.monotonic()
     try:
-        detail, ok = DEMOS[name](ctx), True
+        detail, status = DEMOS[name](ctx), "passed"
     except Exception as exc:  # a demo's failure is reported, and the next demo still runs
-        detail, ok = f"{exc.__class__.__name__}: {exc}", False
-    return Outcome(name, ok, round(time.monotonic() - started, 2), detail)
+        detail, status = f"{exc.__class__.__name__}: {exc}", "failed"
+    return Outcome(name, status, round(time.monotonic() - started, 2), detail)
+
+
+def count(outcomes):
+    """'12 passed, 0 failed, 1 unsupported': the summary line of every runner."""
+    statuses = [o.status for o in outcomes]
+    return ", ".join(f"{statuses.count(s)} {s}" for s in ("passed", "failed", "unsupported"))
 
 
 DEADLINES = {"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20,

@@ -2,14 +2,19 @@
 
     python run_demo.py                      # about 30 s; exit code 0 when every demo passed
     python run_demo.py --flower             # also start Flower and print its URL
-    python run_demo.py --broker embedded    # or auto (default), rabbitmq, docker
+    python run_demo.py --broker embedded    # or auto (default), rabbitmq, redis, sqs, docker
+    python run_demo.py --backend postgresql # or auto (default), redis, rpc, file
     python run_demo.py --keep-running       # leave the stack up after the demos, until Ctrl-C
     python run_demo.py --only canvas,retry  # passed to client_fixed.py, as are --timeout, --json
 
-Services, the first that works: (1) the configured broker and result backend
+Services with --broker auto, the first that works: (1) the configured broker and result backend
 (CELERY_BROKER_URL, CELERY_RESULT_BACKEND); (2) RabbitMQ and Redis from `docker compose`;
 (3) an embedded stack that needs nothing installed: kombu's filesystem transport and file
-results inside the run folder. Then a worker per queue, beat (and Flower), and finally
+results inside the run folder. --broker/--backend KIND choose one: the URL from the environment
+when it is of that kind, else the local default (stack/services.py); --broker sqs starts a local
+SQS-compatible server (moto) unless CELERY_BROKER_URL is an sqs:// URL. What the chosen pair
+cannot do is said first (stack/capabilities.py), and those demos are reported unsupported.
+Then a worker per queue, beat (and Flower), and finally
 ``client_fixed.py`` as a subprocess, exactly as you would run it yourself. Each process logs to
 the run folder (.run/<timestamp>/). Everything it started is stopped at the end, also after a
 failure, Ctrl-C or SIGTERM.
@@ -22,8 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
-
 from rich.console import Console
 from rich.markup import escape
 
@@ -36,8 +39,13 @@ received = []  # the signal that ended the run, if any
 
 def parse_args():
     parser = argparse.ArgumentParser(description="Run every Celery demo on a real stack.")
-    parser.add_argument("--broker", choices=("auto", "rabbitmq", "docker", "embedded"),
-                        default="auto", help="which services to use (default: auto)")
+    parser.add_argument("--broker", default="auto",
+                        choices=("auto", "rabbitmq", "redis", "sqs", "embedded", "docker"),
+                        help="which broker to use (default: auto)")
+    parser.add_argument("--backend", default="auto",
+                        choices=("auto", "redis", "postgresql", "rpc", "file"),
+                        help="which result backend to use (default: auto: the configured one, "
+                             "or files with the embedded broker)")
     parser.add_argument("--flower", action="store_true", help="also start Flower on 127.0.0.1")
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the stack running after the demos until Ctrl-C")
@@ -52,15 +60,50 @@ def say(message):
     console.print(f"[bold cyan]run_demo:[/] {message}")
 
 
-def choose_services(mode, run_dir, started):
+def configured(variable, kind, defaults, kind_of):
+    """The URL in ``variable`` when it is of ``kind``, else that kind's default URL."""
+    url = os.environ.get(variable, "")
+    return url if url and kind_of(url) == kind else defaults[kind]
+
+
+def choose_services(args, run_dir, started):
     """Return the environment for every process; records in ``started`` what it started."""
+    env = choose_broker(args.broker, run_dir, started, with_postgres=args.backend == "postgresql")
+    if args.backend != "auto":
+        kind = args.backend
+        env["CELERY_RESULT_BACKEND"] = (
+            f"file://{run_dir / 'results'}" if kind == "file" else
+            configured("CELERY_RESULT_BACKEND", kind, stack.BACKEND_URLS,
+                       stack.capabilities.backend_kind))
+        if kind == "file":
+            (run_dir / "results").mkdir(exist_ok=True)
+    if args.broker not in ("auto", "docker") or args.backend != "auto":
+        stack.check_broker(env["CELERY_BROKER_URL"])  # ServiceUnavailable: the URL, how to fix it
+        stack.check_backend(env["CELERY_RESULT_BACKEND"])
+        say(f"services: broker {stack.mask(env['CELERY_BROKER_URL'])} and result backend "
+            f"{stack.mask(env['CELERY_RESULT_BACKEND'])} (both answer)")
+    return env
+
+
+def choose_broker(mode, run_dir, started, with_postgres=False):
+    """The broker's environment (and the result backend that goes with it in auto mode)."""
     broker = os.environ.get("CELERY_BROKER_URL", stack.DEFAULT_BROKER)
     backend = os.environ.get("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
     where = f"broker {stack.mask(broker)} and result backend {stack.mask(backend)}"
-    if mode == "rabbitmq":
-        stack.check_broker(broker)  # raises ServiceUnavailable: the URL and how to start one
-        stack.check_backend(backend)
-    if mode == "rabbitmq" or mode == "auto" and stack.reachable(broker, backend):
+    if mode in ("rabbitmq", "redis"):
+        broker = configured("CELERY_BROKER_URL", mode, stack.BROKER_URLS,
+                            stack.capabilities.broker_kind)
+        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+    if mode == "sqs":
+        if stack.capabilities.broker_kind(broker) != "sqs":
+            services = started["services"] = stack.Processes(run_dir)
+            broker = stack.start_local_sqs(services)
+            say(f"services: a local SQS-compatible server (moto) at {stack.mask(broker)}; "
+                f"its queues vanish when it stops")
+        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+    if mode == "embedded":
+        return stack.embedded_env(run_dir)
+    if mode == "auto" and stack.reachable(broker, backend):
         say(f"services: using the configured {where} (both answer)")
         return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
     if mode == "auto":
@@ -69,12 +112,13 @@ def choose_services(mode, run_dir, started):
         # compose's RabbitMQ has a named user: guest may log in only from localhost
         broker = os.environ.get("CELERY_BROKER_URL", stack.compose_broker_url())
         running = stack.compose_running()  # someone else's: leave them running at the end
-        started["compose"] = [s for s in stack.COMPOSE_SERVICES if s not in running]
-        say(f"services: `docker compose up -d rabbitmq redis` (already running: "
+        services = (*stack.COMPOSE_SERVICES, *(("postgres",) if with_postgres else ()))
+        started["compose"] = [s for s in services if s not in running]
+        say(f"services: `docker compose up -d {' '.join(services)}` (already running: "
             f"{', '.join(sorted(running)) or 'none'}), then broker {stack.mask(broker)} and "
             f"result backend {stack.mask(backend)}")
         try:
-            stack.compose_up(broker, backend)
+            stack.compose_up(broker, backend, services=services)
             return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
         except stack.ServiceUnavailable as exc:
             if mode == "docker":
@@ -104,9 +148,11 @@ def make_run_dir(wanted):
     raise RuntimeError("cannot create a run folder under .run/")
 
 
-def write_pids(run_dir, processes, client=None):
+def write_pids(run_dir, started, client=None):
     """pids.json: what this run started (each in its own process group), for checks and cleanup."""
-    pids = {"run_demo": os.getpid(), "processes": {n: p.pid for n, p, _ in processes.started},
+    groups = [started[key] for key in ("services", "processes") if started.get(key)]
+    pids = {"run_demo": os.getpid(),
+            "processes": {n: p.pid for group in groups for n, p, _ in group.started},
             "client": client.pid if client else None}
     (run_dir / "pids.json").write_text(json.dumps(pids, indent=2))
 
@@ -127,27 +173,33 @@ def on_signal(signum, frame):
 
 def run(args, run_dir, started):
     """Everything between services up and demos done; returns the exit code of client_fixed.py."""
-    env = choose_services(args.broker, run_dir, started)
+    user_env = dict(os.environ)
+    env = choose_services(args, run_dir, started)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH"))))
     os.environ.update(env)  # for this process (pings) and every child
     import tasks  # only now: celeryconfig reads the environment set just above
-    if urlparse(tasks.app.conf.broker_url).scheme not in ("amqp", "pyamqp"):
-        say("[yellow]this broker cannot show priority ordering (only RabbitMQ reorders a "
-            "queue); every other demo runs[/]")
-    processes = started["processes"] = stack.Processes(run_dir)
+    offers = stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
+    for feature, why in offers.missing():  # the demos that need these are reported unsupported
+        say(f"[yellow]{offers.name()} cannot do {feature}: {escape(why)}[/]")
     flower_port = stack.free_port(5555) if args.flower else None
+    if flower_port and not offers.offers("events"):
+        say(f"[yellow]Flower not started: {escape(offers.lacks('events'))}[/]")
+        flower_port = None
+    processes = started["processes"] = stack.Processes(run_dir)
     t0 = time.monotonic()
     nodes = stack.start_stack(processes, flower_port=flower_port)
-    write_pids(run_dir, processes)
+    write_pids(run_dir, started)
+    by_log = not offers.offers("remote_control")  # no ping on SQS: the workers' "ready." lines
     say(f"started {len(nodes)} workers (prefork, -E) and beat"
-        f"{' and Flower' if flower_port else ''}; waiting for their ping")
-    stack.wait_for_workers(tasks.app, nodes, 45, processes)
+        f"{' and Flower' if flower_port else ''}; waiting for their "
+        f"{'ready line in their logs' if by_log else 'ping'}")
+    stack.wait_for_workers(tasks.app, nodes, 45, processes, by_log=by_log)
     say(f"workers ready in {time.monotonic() - t0:.1f}s: {', '.join(nodes)}")
     if flower_port:
         up = stack.wait_for_port("127.0.0.1", flower_port, timeout=20)
         say(f"Flower: http://127.0.0.1:{flower_port}/" + ("" if up else " (not answering yet)"))
     client = started["client"] = subprocess.Popen(client_command(args), cwd=HERE, env=os.environ)
-    write_pids(run_dir, processes, client)
+    write_pids(run_dir, started, client)
     try:  # client_fixed.py keeps its own --timeout; this bound only guards against a bug there
         code = client.wait(timeout=args.timeout + 60)
     except subprocess.TimeoutExpired:
@@ -159,7 +211,7 @@ def run(args, run_dir, started):
     if args.keep_running:
         started["code"] = code  # Ctrl-C is then how the user ends a good run
         exports = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("CELERY_")
-                           and "CELERY_FS_ROOT" in env)  # the embedded stack's, not yours
+                           and user_env.get(k) != v)  # what this run chose, not yours
         say("the stack keeps running; press Ctrl-C to stop it. From another terminal: "
             f"{'export ' + exports + '; ' if exports else ''}python client.py")
         while True:
@@ -190,11 +242,16 @@ def stop(started, interrupted):
     if processes:
         say(f"stopping {len(processes.started)} processes")
         processes.stop_all(grace=8 if interrupted else 15)
+    services = started.get("services")  # after the workers, which talk to them until the end
+    if services:
+        say(f"stopping {', '.join(name for name, _, _ in services.started)}")
+        services.stop_all(grace=5)
     if started.get("compose"):
-        services = " ".join(started["compose"])
-        say(f"stopping the containers it started: `docker compose stop {services}`")
+        say(f"stopping the containers it started: "
+            f"`docker compose stop {' '.join(started['compose'])}`")
         stack.compose_stop(started["compose"])
-    return processes.still_running() if processes else []
+    return [*(processes.still_running() if processes else []),
+            *(services.still_running() if services else [])]
 
 
 def main():
@@ -207,7 +264,7 @@ def main():
     started, code = {}, 1
     try:
         code = run(args, run_dir, started)
-    except stack.ServiceUnavailable as exc:
+    except stack.ServiceUnavailable as exc:  # also MissingDriver: one line naming the package
         console.print(f"[red]error:[/] {escape(str(exc))}")
         code = 2
     except stack.StackFailed as exc:

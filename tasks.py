@@ -18,6 +18,10 @@ from celery.signals import worker_init
 from celery.utils.log import get_task_logger
 from kombu.utils.url import maybe_sanitize_url
 
+# Imported here, not in the hook below: `celery -A tasks worker` finds this folder's modules
+# only while it imports this one
+from stack.services import MissingDriver, check_driver
+
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 
@@ -27,8 +31,15 @@ logger = get_task_logger(__name__)
 
 @worker_init.connect
 def refuse_to_start_without_result_backend(sender, **kwargs):
-    """Stop a worker whose Redis result backend is down: it would run tasks, lose every result."""
+    """Stop a worker whose broker or result backend has no driver installed (one line naming
+    the package, not a traceback), or whose Redis result backend is down: it would run tasks
+    and lose every result."""
     url = str(sender.app.conf.result_backend or "")
+    try:
+        check_driver(str(sender.app.conf.broker_url), "broker")
+        check_driver(url, "result backend")
+    except MissingDriver as exc:
+        raise SystemExit(f"cannot start: {exc}")
     if not url.startswith(("redis://", "rediss://")):
         return
     try:

@@ -3,10 +3,12 @@
 Used by run_demo.py, complete_demo.py, benchmark.py and the tests, so the path a user runs is
 the path the tests check. It knows nothing about the demos themselves. One concern a module:
 
+    capabilities.py  what each broker, result backend and pool can do, and decide()
     services.py    find and check brokers and result backends (masked URLs, clear errors)
     processes.py   worker command lines, process groups with logs, waiting for workers
     embedded.py    the no-install stack: safe filesystem:// transport, in-process workers
     compose.py     docker compose up/stop and the compose broker's URL
+    localsqs.py    a local SQS-compatible server (moto) and a run's SQS queues
     testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
     flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
     hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
@@ -14,9 +16,12 @@ the path the tests check. It knows nothing about the demos themselves. One conce
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
+from . import capabilities  # noqa: F401
+from .capabilities import decide, offers_for  # noqa: F401
 from .services import *  # noqa: F401,F403
 from .processes import *  # noqa: F401,F403
 from .embedded import *  # noqa: F401,F403
 from .compose import *  # noqa: F401,F403
+from .localsqs import *  # noqa: F401,F403
 from .testing import *  # noqa: F401,F403
 from .flaky import *  # noqa: F401,F403

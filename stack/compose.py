@@ -1,4 +1,5 @@
-"""docker compose: RabbitMQ and Redis in containers, for run_demo.py --broker docker."""
+"""docker compose: RabbitMQ and Redis (and PostgreSQL) in containers, for run_demo.py --broker
+docker."""
 import os
 import shutil
 import subprocess
@@ -26,11 +27,11 @@ def compose(*args, timeout=120):
                           timeout=timeout)
 
 
-def compose_up(broker, backend, timeout=90.0):
+def compose_up(broker, backend, timeout=90.0, services=COMPOSE_SERVICES):
     """`docker compose up -d rabbitmq redis`, then wait until both answer; raise otherwise."""
-    command = f"docker compose up -d {' '.join(COMPOSE_SERVICES)}"
+    command = f"docker compose up -d {' '.join(services)}"
     try:
-        done = compose("up", "-d", *COMPOSE_SERVICES, timeout=600)  # a first run pulls images
+        done = compose("up", "-d", *services, timeout=600)  # a first run pulls images
     except subprocess.TimeoutExpired:
         raise ServiceUnavailable(f"`{command}` did not finish within 600s") from None
     if done.returncode:
@@ -40,7 +41,7 @@ def compose_up(broker, backend, timeout=90.0):
         if time.monotonic() > deadline:
             raise ServiceUnavailable(
                 f"the containers started but {mask(broker)} / {mask(backend)} did not answer "
-                f"within {timeout:.0f}s; see `docker compose logs rabbitmq redis`")
+                f"within {timeout:.0f}s; see `docker compose logs {' '.join(services)}`")
         time.sleep(1)
 
 

@@ -30,11 +30,13 @@ def worker_command(queue, *extra):
             f"{WORKER_NAMES.get(queue, queue)}@%h", *extra]
 
 
-def wait_for_workers(app, names, timeout, processes=None):
+def wait_for_workers(app, names, timeout, processes=None, by_log=False):
     """Wait until every named worker answers a ping; raise StackFailed naming the silent ones.
 
     With ``processes`` (the Processes that started them) it fails at once, with the end of the
     log, when one of those processes exits, and a timeout shows the silent workers' logs.
+    ``by_log``: on a broker without remote control (SQS) nothing answers a ping, so a worker
+    counts as ready once its log says "NODE ready." (what Celery logs when it consumes).
     """
     deadline = time.monotonic() + timeout
     missing = set(names)
@@ -51,8 +53,20 @@ def wait_for_workers(app, names, timeout, processes=None):
             raise StackFailed(f"no ping answer within {timeout:.0f}s from "
                               f"{', '.join(sorted(missing))}" +
                               (f"; the end of their logs:{tails}" if tails else ""))
+        if by_log:
+            missing -= {n for n in missing if f"{n} ready." in _worker_log(processes, n)}
+            time.sleep(0.2)
+            continue
         replies = app.control.ping(timeout=0.5) or []
         missing -= {name for reply in replies for name in reply}
+
+
+def _worker_log(processes, node):
+    short = node.split("@")[0]
+    for name, _, path in processes.started:
+        if name in (short, f"worker-{short}"):
+            return tail(path, 400)
+    return ""
 
 
 def eventually(check, what, timeout, interval=0.3, ignore=()):

@@ -1,9 +1,10 @@
 """Find and check brokers and result backends: masked URLs, one clear error when one is down.
 
-Owns: the default URLs, ServiceUnavailable, check_broker (with login_refused: the fix for a
-refused login) / check_backend / reachable, and
+Owns: the default URLs, ServiceUnavailable and MissingDriver, check_driver / check_broker (with
+login_refused: the fix for a refused login) / check_backend / reachable, and
 forget_pending_results (a client's clean exit from a Redis result backend).
 """
+import importlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -12,6 +13,13 @@ from kombu.utils.url import maybe_sanitize_url
 HERE = Path(__file__).resolve().parent.parent  # the project folder: where `-A tasks` works
 DEFAULT_BROKER = "amqp://guest:guest@localhost:5672//"
 DEFAULT_BACKEND = "redis://localhost:6379/0"
+# What run_demo.py --broker KIND / --backend KIND use when CELERY_BROKER_URL /
+# CELERY_RESULT_BACKEND name another kind (sqs starts a local server; file and embedded live
+# in the run folder). The PostgreSQL user and password are docker-compose.yml's; a server with
+# trust authentication on localhost (a distribution's default) ignores the password.
+BROKER_URLS = {"rabbitmq": DEFAULT_BROKER, "redis": "redis://localhost:6379/0"}
+BACKEND_URLS = {"redis": DEFAULT_BACKEND, "rpc": "rpc://",
+                "postgresql": "db+postgresql+psycopg://postgres:postgres@localhost:5432/postgres"}
 START_HINT = ("start one with `docker compose up -d rabbitmq redis`, use your distribution's "
               "packages (rabbitmq-server, redis-server), or run `python run_demo.py`, which "
               "falls back to an embedded stack that needs no server")
@@ -22,6 +30,44 @@ class ServiceUnavailable(RuntimeError):
     """A broker or result backend that cannot be reached; the message says how to fix it."""
 
 
+class MissingDriver(ServiceUnavailable):
+    """A URL whose client library is not installed; the message names the package."""
+
+
+# The pip package for a module a driver imports, where the two names differ
+PACKAGES = {"MySQLdb": "mysqlclient", "psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary",
+            "pymysql": "PyMySQL", "oracledb": "oracledb", "sqlalchemy": "SQLAlchemy",
+            "boto3": "boto3", "botocore": "boto3", "pycurl": "pycurl", "redis": "redis"}
+
+
+def check_driver(url, role="broker"):
+    """Raise MissingDriver, in one line naming the package to install, unless ``url``'s
+    client library imports. Costs no connection: run it before anything else."""
+    from . import capabilities
+    table = capabilities.BROKERS if role == "broker" else capabilities.BACKENDS
+    entry = capabilities.component(url, table)
+    what = f"the {role} {mask(url)}"
+
+    def missing(module):
+        module = module.split(".")[0]
+        package = PACKAGES.get(module, module)
+        everything = (f"; all it needs: {entry.install}"
+                      if module in entry.modules and entry.install else "")
+        return MissingDriver(f"{what} needs the Python package {package}, which is not "
+                             f"installed: pip install {package}{everything}")
+    try:
+        for module in entry.modules:
+            importlib.import_module(module)
+        if str(url).startswith("db+"):  # SQLAlchemy imports the database driver it names
+            from sqlalchemy.engine import make_url
+            make_url(str(url)[3:]).get_dialect().import_dbapi()
+        elif role == "broker":
+            from kombu import Connection
+            Connection(url).transport  # noqa: B018 - imports the transport's library
+    except ImportError as exc:
+        raise missing(exc.name or str(exc)) from None
+
+
 def mask(url):
     """The URL with its password replaced, safe to print or log."""
     return maybe_sanitize_url(url)
@@ -30,11 +76,16 @@ def mask(url):
 # --- Is a service there? -------------------------------------------------------------------
 def check_broker(url, timeout=3.0):
     """Raise ServiceUnavailable unless the broker answers within ``timeout`` seconds."""
+    check_driver(url, "broker")
     if url.startswith(("memory://", "filesystem://")):
         return
     from kombu import Connection
+    options = {}
+    if url.startswith("sqs://"):  # boto3 retries for minutes by default: one short try here
+        options = {"region": "us-east-1", "client-config": {
+            "connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}}}
     try:
-        with Connection(url, connect_timeout=timeout) as conn:
+        with Connection(url, connect_timeout=timeout, transport_options=options) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
     except Exception as exc:  # every failure here means the same to the user ...
         refused = login_refused(url, exc)  # ... except a broker that answers and says no
@@ -74,7 +125,11 @@ def login_refused(url, exc):
 
 
 def check_backend(url, timeout=3.0):
-    """Raise ServiceUnavailable unless a Redis result backend answers (others need no server)."""
+    """Raise ServiceUnavailable unless the result backend's driver is installed and, for
+    Redis and SQL databases, the server answers within ``timeout`` seconds."""
+    check_driver(url, "result backend")
+    if url.startswith("db+"):
+        return check_database(url, timeout)
     if not url.startswith(("redis://", "rediss://")):
         return
     import redis
@@ -84,6 +139,25 @@ def check_backend(url, timeout=3.0):
         raise ServiceUnavailable(
             f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: {exc}); "
             f"{START_HINT}") from None
+
+
+def check_database(url, timeout=3.0):
+    """A SQLAlchemy result backend (db+postgresql+psycopg://...) answers ``SELECT 1``."""
+    import sqlalchemy
+    args = {"connect_timeout": max(1, int(timeout))} if "postgresql" in url else {}
+    engine = sqlalchemy.create_engine(url[3:], connect_args=args,
+                                      poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ServiceUnavailable(
+            f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: "
+            f"{first}); start PostgreSQL with `docker compose up -d postgres` or your "
+            f"distribution's postgresql package") from None
+    finally:
+        engine.dispose()
 
 
 def reachable(broker, backend, timeout=2.0):

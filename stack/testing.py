@@ -1,5 +1,5 @@
-"""Throw-away RabbitMQ vhosts and Redis key prefixes, for the tests and benchmark.py: a run
-never touches a user's data and removes what it made.
+"""Throw-away RabbitMQ vhosts, Redis key prefixes and PostgreSQL databases, for the tests and
+benchmark.py: a run never touches a user's data and removes what it made.
 """
 import shutil
 import subprocess
@@ -51,3 +51,41 @@ def throwaway_redis_prefix(url=DEFAULT_BACKEND, prefix="celery-demo"):
         if keys:
             client.delete(*keys)
 
+
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def throwaway_postgres_database(admin_url=POSTGRES_ADMIN_URL, prefix="celery_demo"):
+    """Yield a ``db+postgresql+psycopg://`` result backend URL on a new database that is
+    dropped afterwards (with the connections still open to it)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT",
+                                     connect_args={"connect_timeout": 3},
+                                     poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(admin_url).set(database=name)
+        yield "db+" + url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def postgres_databases(admin_url=POSTGRES_ADMIN_URL, prefix="celery_demo"):
+    """The names of databases starting with ``prefix`` (to check that none is left)."""
+    import sqlalchemy
+    admin = sqlalchemy.create_engine(admin_url, connect_args={"connect_timeout": 3},
+                                     poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(
+                "SELECT datname FROM pg_database WHERE datname LIKE :p"), {"p": prefix + "%"})
+            return [row[0] for row in rows]
+    finally:
+        admin.dispose()

@@ -91,10 +91,11 @@ class Stack:
         self.name, self.app, self.workers = name, app, workers
 
     def context(self, **kwargs):
+        """A demo context with what this stack offers (in-process workers: the threads pool)."""
         import demos
-        # in-process workers run the threads pool: no terminate, no time limits
-        return demos.Context(app=self.app, supports_priority=self.name == "rabbitmq",
-                             shared_results=self.name == "rabbitmq", **kwargs)
+        offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend,
+                                  pool="threads")
+        return demos.Context(app=self.app, offers=offers, **kwargs)
 
 
 @pytest.fixture(scope="session", params=["memory", "rabbitmq"])

@@ -83,7 +83,7 @@ def test_the_stack_has_broker_backend_workers_beat_flower_and_a_client():
     assert SERVICES["rabbitmq"]["image"].startswith("rabbitmq:3.")
     assert SERVICES["rabbitmq"]["image"].endswith("-management"), "Flower's broker page needs it"
     assert re.fullmatch(r"redis:7\.\d+", SERVICES["redis"]["image"]), "kombu 5.7 needs Redis 6.2+"
-    assert OWN_IMAGE == set(SERVICES) - {"rabbitmq", "redis"}
+    assert OWN_IMAGE == set(SERVICES) - {"rabbitmq", "redis", "postgres"}
     assert {SERVICES[name]["image"] for name in OWN_IMAGE} == {"celery-demo"}, "one image"
 
 
@@ -150,7 +150,8 @@ def test_ports_are_published_on_loopback_only():
             host, host_port, container_port = str(port).split(":")
             assert host == "127.0.0.1", f"{name} publishes {port} to every interface"
             published[int(container_port)] = name
-    assert published == {5672: "rabbitmq", 15672: "rabbitmq", 6379: "redis", 5555: "flower"}
+    assert published == {5672: "rabbitmq", 15672: "rabbitmq", 6379: "redis", 5432: "postgres",
+                         5555: "flower"}
 
 
 def test_no_password_is_hard_coded_and_every_variable_has_a_default():
@@ -178,6 +179,28 @@ def test_celery_uses_the_user_that_rabbitmq_creates():
             assert url == f"amqp://{user}:{password}@rabbitmq:5672//", name
             assert interpolate(SERVICES[name]["environment"]["CELERY_RESULT_BACKEND"], env) \
                 == "redis://redis:6379/0", name
+
+
+def test_postgres_results_are_one_variable_away_and_healthy_only_when_tcp_answers():
+    postgres = SERVICES["postgres"]
+    assert re.fullmatch(r"postgres:\d+", postgres["image"]), "a pinned major version"
+    password = interpolate(postgres["environment"]["POSTGRES_PASSWORD"])
+    assert password, "the image refuses to start without POSTGRES_PASSWORD"
+    test = healthcheck_command("postgres")
+    # over TCP: during the image's first start a temporary server listens on the socket only
+    assert test[:2] == ["CMD", "pg_isready"] and test[test.index("-h") + 1] == "127.0.0.1"
+    # the workers wait for it, and COMPOSE_RESULT_BACKEND switches every container to it
+    url = "db+postgresql+psycopg://postgres:postgres@postgres:5432/postgres"
+    assert f"COMPOSE_RESULT_BACKEND={url}" in (ROOT / "docker-compose.yml").read_text()
+    for name in set(worker_services().values()):
+        assert "postgres" in SERVICES[name]["depends_on"], name
+    for name in OWN_IMAGE:
+        assert interpolate(SERVICES[name]["environment"]["CELERY_RESULT_BACKEND"],
+                           {"COMPOSE_RESULT_BACKEND": url}) == url, name
+    # run_demo.py --backend postgresql's default URL reaches this service from the host
+    local = stack.BACKEND_URLS["postgresql"]
+    assert local == url.replace(f":{password}@postgres:", f":{password}@localhost:")
+    assert stack.capabilities.backend_kind(url) == "postgresql"
 
 
 def test_flower_listens_for_the_published_port_and_its_api_has_auth():

@@ -1,0 +1,185 @@
+"""What each broker, result backend and worker pool can carry, as data, and the one decision.
+
+Owns: the table of brokers and result backends (their URL schemes, what each lacks and why,
+the direction of priorities, the pip package of their driver), ``offers_for(broker, backend,
+pool)`` and ``decide(needs, offers)``, the one function that says whether something that
+needs some features can run on a stack ("None": it runs) or not (the reason, for the user).
+
+It knows nothing of the demos: each demo declares what it needs (``@demo(needs=...)`` in
+demos.py), and client_fixed.py, complete_demo.py, run_demo.py and the tests all ask
+``decide``. What a component does not list under ``lacks`` it offers. The facts come from
+running each combination for real (the README's configuration table, tests/test_stacks.py).
+"""
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+# Every feature a demo may need, and who provides it.
+FEATURES = {
+    "chords": "result backend: a chord's callback runs once every header task stored its result",
+    "result_polling": "result backend: the caller and other tasks read a task's state and "
+                      "result by polling (PROGRESS and STARTED included)",
+    "shared_results": "result backend: another process (a second terminal, a web request, "
+                      "Flower) looks a result up by its task id",
+    "revoked_state": "result backend: a REVOKED state set by a worker reaches the caller",
+    "remote_control": "broker: broadcast to every worker (inspect, ping, revoke, stats)",
+    "events": "broker: workers' task events (Flower, `celery events`)",
+    "priority": "broker: urgent messages are handed out before waiting ones",
+    "terminate": "worker pool: revoke(terminate=True) stops a running task",
+    "time_limits": "worker pool: soft and hard time limits interrupt a running task",
+}
+
+HIGHER_FIRST = "higher number first"  # RabbitMQ: 0..x-max-priority, 9 beats 1
+LOWER_FIRST = "0 is the most urgent" # Redis: 0 is the most urgent, bucketed by priority_steps
+
+
+@dataclass(frozen=True)
+class Component:
+    """One broker, result backend or worker pool, and what it cannot do (with the reason)."""
+    kind: str                      # the name run_demo.py's --broker / --backend take
+    role: str                      # "broker", "result backend" or "pool"
+    schemes: tuple = ()            # URL schemes that select it
+    lacks: dict = field(default_factory=dict)  # feature -> why not, as the user reads it
+    priority: str = ""             # HIGHER_FIRST, LOWER_FIRST, or "" (no priorities)
+    drops_expired: bool = False    # the broker itself discards a message whose `expires` passed
+    modules: tuple = ()            # what must import for its driver ...
+    install: str = ""              # ... and the pip command that installs it
+
+    def offers(self, feature):
+        return feature not in self.lacks
+
+    def priority_levels(self):
+        """(urgent, routine) priorities for this broker's direction."""
+        return (0, 9) if self.priority == LOWER_FIRST else (9, 1)
+
+
+SQS_INSTALL = "pip install 'kombu[sqs]' (boto3 and pycurl)"
+BROKERS = (
+    Component("rabbitmq", "broker", ("amqp", "amqps", "pyamqp"), priority=HIGHER_FIRST,
+              drops_expired=True),
+    Component("redis", "broker", ("redis", "rediss"), priority=LOWER_FIRST),
+    Component("sqs", "broker", ("sqs",), lacks={
+        "remote_control": "Amazon SQS has no fanout exchange, so Celery has no remote control "
+                          "there: no inspect, ping, stats or revoke broadcast",
+        "events": "Celery sends no worker events over SQS, so Flower and `celery events` see "
+                  "nothing",
+        "priority": "SQS queues have no priorities: every message waits its turn (FIFO)",
+    }, modules=("boto3", "pycurl"), install=SQS_INSTALL),
+    Component("embedded", "broker", ("filesystem",), lacks={
+        "priority": "kombu's filesystem transport delivers in FIFO order: no priorities",
+    }),
+    Component("memory", "broker", ("memory",), lacks={
+        "priority": "kombu's memory transport delivers in FIFO order: no priorities",
+        "events": "memory:// lives inside one process: Flower cannot see it",
+    }),
+)
+BACKENDS = (
+    Component("redis", "result backend", ("redis", "rediss")),
+    Component("postgresql", "result backend",
+              ("db+postgresql", "db+postgresql+psycopg", "db+postgresql+psycopg2"),
+              modules=("sqlalchemy",), install="pip install SQLAlchemy 'psycopg[binary]'"),
+    Component("database", "result backend", ("db+sqlite", "db+mysql", "db+mysql+pymysql"),
+              modules=("sqlalchemy",), install="pip install SQLAlchemy"),
+    Component("rpc", "result backend", ("rpc",), lacks={
+        "chords": "rpc:// cannot run chords: it sends results only to the caller, so no "
+                  "worker can collect the header's results",
+        "result_polling": "rpc:// sends each state and result only to the caller, as "
+                          "messages: no task (such as a link_error callback) can read another "
+                          "task's result, and after a first get() the caller no longer sees "
+                          "states such as PROGRESS by polling",
+        "shared_results": "rpc:// sends each result only to the caller: no other process can "
+                          "look it up by its id",
+        "revoked_state": "rpc:// never delivers a REVOKED state to the caller: a revoked or "
+                         "expired task stays PENDING there",
+    }),
+    Component("file", "result backend", ("file",)),
+    Component("memory", "result backend", ("cache+memory",), lacks={
+        "shared_results": "cache+memory:// lives inside one process: no other process can look "
+                          "a result up by its id",
+    }),
+)
+POOLS = (
+    Component("prefork", "pool"),
+    Component("threads", "pool", lacks={
+        "terminate": "revoke(terminate=True) needs the prefork pool; these workers run threads",
+        "time_limits": "time limits need the prefork pool; these workers run threads, which "
+                       "cannot interrupt a task",
+    }),
+    Component("solo", "pool", lacks={
+        "terminate": "revoke(terminate=True) needs the prefork pool; this worker runs solo",
+        "time_limits": "time limits need the prefork pool; this worker runs solo",
+    }),
+)
+
+
+def scheme(url):
+    return urlparse(str(url or "")).scheme.lower()
+
+
+def component(url, table):
+    """The table's entry for ``url``; an unknown scheme lacks nothing we know of."""
+    wanted = scheme(url)
+    for entry in table:
+        if wanted in entry.schemes:
+            return entry
+    if wanted.startswith("db+"):  # any other SQLAlchemy URL: db+oracle://, ...
+        return Component("database", table[0].role, (wanted,), modules=("sqlalchemy",),
+                         install="pip install SQLAlchemy")
+    return Component(wanted or "unknown", table[0].role, (wanted,))
+
+
+def broker_kind(url):
+    return component(url, BROKERS).kind
+
+
+def backend_kind(url):
+    return component(url, BACKENDS).kind
+
+
+@dataclass(frozen=True)
+class Offers:
+    """What one stack (broker + result backend + worker pool) offers."""
+    broker: Component
+    backend: Component
+    pool: Component
+
+    def lacks(self, feature):
+        """Why this stack cannot provide ``feature``, or None when it can."""
+        for part in (self.broker, self.backend, self.pool):
+            if feature in part.lacks:
+                return part.lacks[feature]
+        return None
+
+    def offers(self, feature):
+        return self.lacks(feature) is None
+
+    def name(self):
+        return f"{self.broker.kind} + {self.backend.kind} results"
+
+    def missing(self):
+        """[(feature, why)] of everything this stack cannot do, in FEATURES order."""
+        return [(f, self.lacks(f)) for f in FEATURES if self.lacks(f)]
+
+
+def offers_for(broker_url, backend_url, pool="prefork"):
+    pools = {p.kind: p for p in POOLS}
+    return Offers(component(broker_url, BROKERS), component(backend_url, BACKENDS),
+                  pools.get(pool, Component(pool, "pool")))
+
+
+def decide(needs, offers):
+    """None when a stack with ``offers`` can run something that ``needs`` these features;
+    otherwise the reason it cannot, e.g. "rpc:// cannot run chords: it sends results ..."."""
+    known(needs)
+    for feature in needs:
+        why = offers.lacks(feature)
+        if why:
+            return why
+    return None
+
+
+def known(needs):
+    """Raise ValueError for a feature not in FEATURES: a typo must not skip a demo silently."""
+    unknown = set(needs) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"unknown feature(s) {sorted(unknown)}; known: {sorted(FEATURES)}")
+    return tuple(needs)
