@@ -118,15 +118,12 @@ class Processes:
         return [p.pid for _, p, _ in self.started]
 
     def still_running(self):
-        """Names whose process group still has a member (a worker's pool children included)."""
-        left = []
-        for name, proc, _ in self.started:
-            try:
-                os.killpg(proc.pid, 0)  # signal 0: only asks whether the group exists
-                left.append(name)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return left
+        """Names whose process group still has a live member (pool children included).
+
+        A member killed a moment ago may still be a zombie, waiting to be reaped by PID 1:
+        it runs nothing any more, so it does not count (kill(0) alone would say it does).
+        """
+        return [name for name, proc, _ in self.started if _group_alive(proc.pid)]
 
     def log_tail(self, name, lines=20):
         return tail(self.run_dir / f"{name}.log", lines)
@@ -156,6 +153,25 @@ class Processes:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _group_alive(pgid):
+    """True while a process of group ``pgid`` is alive (not a zombie)."""
+    try:
+        os.killpg(pgid, 0)  # signal 0: only asks whether the group exists
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _signal_group(proc, sig):

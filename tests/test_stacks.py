@@ -29,7 +29,8 @@ EXPECTED_UNSUPPORTED = {
     ("rabbitmq", "redis"): set(),
     ("redis", "redis"): set(),
     ("rabbitmq", "postgresql"): set(),
-    ("rabbitmq", "rpc"): {"progress", "canvas", "workflow", "callbacks", "expires", "revoke"},
+    ("rabbitmq", "rpc"): {"states", "progress", "canvas", "workflow", "callbacks", "expires",
+                          "revoke"},
     ("sqs", "redis"): {"periodic", "priority", "revoke", "inspect"},
     ("embedded", "file"): {"priority"},
 }
@@ -47,10 +48,12 @@ def test_the_capability_table_still_says_what_was_measured(pair):
     assert unsupported_by_table(*pair) == EXPECTED_UNSUPPORTED[pair]
 
 
-def test_complete_demo_and_in_process_workers_cannot_terminate_nor_order_by_priority():
+def test_in_process_workers_cannot_terminate_limit_time_share_results_nor_order_by_priority():
     offers = stack.offers_for("memory://", "cache+memory://", pool="threads")
     assert {n for n in demos.DEMOS if demos.unsupported(n, offers)} == {"priority"}
     assert "prefork" in stack.decide(("terminate",), offers)
+    assert "prefork" in stack.decide(("time_limits",), offers)
+    assert "one process" in stack.decide(("shared_results",), offers)
 
 
 def test_a_feature_nobody_declared_is_refused_not_skipped():
