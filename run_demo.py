@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from rich.console import Console
 from rich.markup import escape
 
