@@ -26,6 +26,11 @@ START_HINT = ("start one with `docker compose up -d rabbitmq redis`, use your di
 
 
 
+SQS_HINT = ("check the endpoint and the keys in the URL; for a local SQS-compatible server run "
+            "`python -m moto.server -H 127.0.0.1 -p 4566` (URL sqs://KEY:SECRET@127.0.0.1:4566), "
+            "or `python run_demo.py --broker sqs`, which starts and stops one")
+
+
 class ServiceUnavailable(RuntimeError):
     """A broker or result backend that cannot be reached; the message says how to fix it."""
 
@@ -89,9 +94,10 @@ def check_broker(url, timeout=3.0):
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
     except Exception as exc:  # every failure here means the same to the user ...
         refused = login_refused(url, exc)  # ... except a broker that answers and says no
+        hint = SQS_HINT if url.startswith("sqs://") else START_HINT
         raise ServiceUnavailable(refused or (
             f"cannot reach the broker at {mask(url)} ({exc.__class__.__name__}: {exc}); "
-            f"{START_HINT}")) from None
+            f"{hint}")) from None
 
 
 def login_refused(url, exc):

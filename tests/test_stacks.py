@@ -220,3 +220,14 @@ def test_a_url_without_its_driver_gets_one_line_naming_the_package(command, url,
     assert f"the {role} {masked}" in " ".join(output.split())  # rich may wrap the line
     assert package in " ".join(output.split()), output
     assert "Traceback" not in output and "s3cret" not in output
+
+
+def test_an_sqs_endpoint_that_does_not_answer_is_reported_in_seconds():
+    done = subprocess.run([sys.executable, "client_fixed.py"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                          env=clean_env(CELERY_BROKER_URL="sqs://key:s3cret@127.0.0.1:1",
+                                        CELERY_RESULT_BACKEND="rpc://"),
+                          capture_output=True, text=True, timeout=60)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, output
+    assert "cannot reach the broker at sqs://key:**@127.0.0.1:1/" in output
+    assert "python run_demo.py --broker sqs" in output and "Traceback" not in output
