@@ -8,7 +8,7 @@ needs some features can run on a stack ("None": it runs) or not (the reason, for
 It knows nothing of the demos: each demo declares what it needs (``@demo(needs=...)`` in
 demos.py), and client_fixed.py, complete_demo.py, run_demo.py and the tests all ask
 ``decide``. What a component does not list under ``lacks`` it offers. The facts come from
-running each combination for real (the README's configuration table, tests/test_stacks.py).
+running each combination for real (docs/configuration.md, tests/test_stacks.py).
 """
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -29,7 +29,7 @@ FEATURES = {
 }
 
 HIGHER_FIRST = "higher number first"  # RabbitMQ: 0..x-max-priority, 9 beats 1
-LOWER_FIRST = "0 is the most urgent" # Redis: 0 is the most urgent, bucketed by priority_steps
+LOWER_FIRST = "0 is the most urgent"  # Redis: bucketed by priority_steps (0, 3, 6, 9)
 
 
 @dataclass(frozen=True)
