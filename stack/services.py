@@ -23,9 +23,6 @@ BACKEND_URLS = {"redis": DEFAULT_BACKEND, "rpc": "rpc://",
 START_HINT = ("start one with `docker compose up -d rabbitmq redis`, use your distribution's "
               "packages (rabbitmq-server, redis-server), or run `python run_demo.py`, which "
               "falls back to an embedded stack that needs no server")
-
-
-
 SQS_HINT = ("check the endpoint and the keys in the URL; for a local SQS-compatible server run "
             "`python -m moto.server -H 127.0.0.1 -p 4566` (URL sqs://KEY:SECRET@127.0.0.1:4566), "
             "or `python run_demo.py --broker sqs`, which starts and stops one")
@@ -40,9 +37,9 @@ class MissingDriver(ServiceUnavailable):
 
 
 # The pip package for a module a driver imports, where the two names differ
-PACKAGES = {"MySQLdb": "mysqlclient", "psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary",
-            "pymysql": "PyMySQL", "oracledb": "oracledb", "sqlalchemy": "SQLAlchemy",
-            "boto3": "boto3", "botocore": "boto3", "pycurl": "pycurl", "redis": "redis"}
+PACKAGES = {"MySQLdb": "mysqlclient", "psycopg": "'psycopg[binary]'",
+            "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL", "sqlalchemy": "SQLAlchemy",
+            "botocore": "boto3"}
 
 
 def check_driver(url, role="broker"):
