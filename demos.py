@@ -22,25 +22,28 @@ from stack import FlakyServer  # noqa: F401 - the retry demo's server, also demo
 
 DEMOS = {}  # name -> function, in the order a reader should meet them
 NEEDS = {}  # name -> the features of stack/capabilities.py it needs
+BECAUSE = {}  # name -> why it needs them, where the feature alone does not say
 
 
 class DemoFailed(AssertionError):
     """A demo whose outcome was not what it teaches; the message says what went wrong."""
 
 
-def demo(func=None, *, needs=()):
+def demo(func=None, *, needs=(), because=""):
     """Register a demo: ``@demo``, or ``@demo(needs=("chords",))`` when it needs more of the
-    stack than a broker and a result backend."""
+    stack than a broker and a result backend (``because``: why, when that is not obvious)."""
     def register(func):
         name = func.__name__.removeprefix("demo_")
         DEMOS[name], NEEDS[name] = func, stack.capabilities.known(needs)  # a typo fails here
+        BECAUSE[name] = because
         return func
     return register(func) if func else register
 
 
 def unsupported(name, offers):
     """None when a stack with ``offers`` can run demo ``name``, else the reason it cannot."""
-    return stack.decide(NEEDS[name], offers)
+    why = stack.decide(NEEDS[name], offers)
+    return f"{why} ({BECAUSE[name]})" if why and BECAUSE[name] else why
 
 
 def describe(name):
@@ -288,7 +291,8 @@ def demo_rate_limit(ctx):
     return f"6 tasks under rate_limit 5/s ran over {spread:.2f}s (about 0.2 s apart)"
 
 
-@demo(needs=("remote_control",))  # counts the runs with `inspect stats`
+@demo(needs=("remote_control",), because="this demo counts beat's runs with `inspect stats`; "
+                                         "beat itself works")
 def demo_periodic(ctx):
     """beat sends tasks.check_system on a schedule; a worker runs it."""
     def runs():
