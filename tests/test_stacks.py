@@ -18,7 +18,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from conftest import ROOT, require_rabbit
+from conftest import ON_CI, ROOT, require_rabbit
 from test_run_demo import alive_in_groups, clean_env, finish, start
 
 import demos
@@ -73,6 +73,7 @@ def resources(pair, exits, tmp):
         prefix = exits.enter_context(stack.throwaway_redis_prefix())
         env.update(CELERY_RESULT_KEYPREFIX=prefix, CELERY_BROKER_PREFIX=prefix)
     if backend == "postgresql":
+        require_postgres()
         env["CELERY_RESULT_BACKEND"] = exits.enter_context(stack.throwaway_postgres_database())
     if broker == "sqs":  # a server of the test's own, so that the queues can be checked after
         server = stack.Processes(tmp / "sqs-server")
@@ -80,6 +81,17 @@ def resources(pair, exits, tmp):
         url = stack.start_local_sqs(server)
         env.update(CELERY_BROKER_URL=url, CELERY_BROKER_PREFIX=f"celery-demo-{tmp.name[-6:]}-")
     return env
+
+
+def require_postgres():
+    """Skip without PostgreSQL on 127.0.0.1:5432 (user postgres), as conftest does for
+    RabbitMQ; on CI (CI=true) fail instead: CI must prove the PostgreSQL results."""
+    try:
+        stack.postgres_databases()
+    except Exception as exc:  # any failure means the same here: no usable PostgreSQL
+        if ON_CI:
+            pytest.fail(f"CI=true, so the PostgreSQL tests must run, but: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc.__class__.__name__}: {exc}")
 
 
 class Runs:
