@@ -1,6 +1,6 @@
 # The two commands of the README. Both create ./.venv from requirements*.txt on first use.
 #   make demo    run the whole distributed demo (python run_demo.py)
-#   make test    run the test suite (RabbitMQ tests skip when there is no RabbitMQ, except on CI)
+#   make test    run the test suite (on RabbitMQ + Redis, else the embedded stack; see README)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -37,7 +37,11 @@ if broker_url.startswith("filesystem://"):
         "control_folder": os.path.join(_root, "control"),
         "polling_interval": 0.1,  # the default (1 s) adds a second to every hop of a chain
     }
-    # kombu's transport, but a message file is never seen half-written (stack/embedded.py)
+    # kombu's transport, but a message file is never seen half-written (stack/embedded.py).
+    # Imported now: the `celery` command has the project folder on sys.path only while it
+    # imports `-A tasks`, and kombu resolves the name below later (else "No module named
+    # 'stack'" from `celery -A tasks worker` on the embedded stack).
+    import stack.embedded  # noqa: F401,E402
     broker_transport = "stack.embedded:FilesystemTransport"
 
 # memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.

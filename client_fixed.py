@@ -109,16 +109,14 @@ def check_workers(app, offers):
                       f"({escape(offers.lacks('remote_control'))}); a queue without a worker "
                       f"shows as a task still PENDING at its deadline")
         return None
-    replies = app.control.inspect(timeout=1.0).active_queues() or {}
-    if not replies:
+    workers, missing = demos.unconsumed_queues(app, [q.name for q in app.conf.task_queues])
+    if not workers:
         return ("no worker answers, so every task would stay PENDING. Start the whole stack "
                 "with `python run_demo.py --keep-running`, or a worker per queue, e.g. "
-                f"`{' '.join(stack.worker_command('celery'))}`")
-    consumed = {q["name"] for queues in replies.values() for q in queues}
-    for queue in app.conf.task_queues:
-        if queue.name not in consumed:
-            console.print(f"[yellow]warning:[/] no worker consumes {queue.name!r}; its demos will "
-                          f"fail. Start one: `{' '.join(stack.worker_command(queue.name))}`")
+                f"{demos.start_worker_hint('celery')}")
+    for queue in missing:
+        console.print(f"[yellow]warning:[/] no worker consumes {queue!r}; its demos will "
+                      f"fail. Start one: {demos.start_worker_hint(queue)}")
     return None
 
 

@@ -78,21 +78,33 @@ def check(condition, message):
         raise DemoFailed(message)
 
 
+def unconsumed_queues(app, queues):
+    """Ask the workers what they consume: (names of the workers that answered, the queues of
+    ``queues`` that none of them consumes). A task sent to such a queue stays PENDING,
+    silently: the broker keeps it until a worker consumes that queue."""
+    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+    consumed = {q["name"] for consumed in replies.values() for q in consumed}
+    return sorted(replies), [queue for queue in queues if queue not in consumed]
+
+
+def start_worker_hint(queue):
+    return f"`{' '.join(stack.worker_command(queue))}`"
+
+
 def why_pending(app, queue, offers=None):
     """Explain a task that nobody picked up: the usual cause is a queue with no worker."""
     offers = offers or stack.offers_for(app.conf.broker_url, app.conf.result_backend)
     if not offers.offers("remote_control"):  # cannot ask the workers (SQS)
         return (f"this broker cannot ask workers what they consume ({offers.broker.kind}: no "
                 f"remote control); is a worker running for queue {queue!r}? "
-                f"`{' '.join(stack.worker_command(queue))}`")
-    replies = app.control.inspect(timeout=1.0).active_queues() or {}
-    if not replies:
+                f"{start_worker_hint(queue)}")
+    workers, missing = unconsumed_queues(app, [queue])
+    if not workers:
         return (f"no worker is running at all; start one for queue {queue!r}: "
-                f"`{' '.join(stack.worker_command(queue))}`")
-    consumed = {q["name"] for queues in replies.values() for q in queues}
-    if queue not in consumed:
-        return (f"no worker consumes queue {queue!r} (workers: {', '.join(sorted(replies))}); "
-                f"start one: `{' '.join(stack.worker_command(queue))}`")
+                f"{start_worker_hint(queue)}")
+    if missing:
+        return (f"no worker consumes queue {queue!r} (workers: {', '.join(workers)}); "
+                f"start one: {start_worker_hint(queue)}")
     dropped = (", or the broker dropped the message (RabbitMQ discards a message whose "
                "`expires` passed)") if offers.broker.drops_expired else ""
     return f"workers consume {queue!r} but did not finish in time: they may be busy{dropped}"

@@ -3,8 +3,8 @@ docker."""
 import os
 import shutil
 import subprocess
-import time
 
+from .processes import eventually
 from .services import HERE, ServiceUnavailable, mask, reachable
 
 
@@ -36,13 +36,12 @@ def compose_up(broker, backend, timeout=90.0, services=COMPOSE_SERVICES):
         raise ServiceUnavailable(f"`{command}` did not finish within 600s") from None
     if done.returncode:
         raise ServiceUnavailable(f"`{command}` failed: {(done.stderr or done.stdout).strip()}")
-    deadline = time.monotonic() + timeout
-    while not reachable(broker, backend):
-        if time.monotonic() > deadline:
-            raise ServiceUnavailable(
-                f"the containers started but {mask(broker)} / {mask(backend)} did not answer "
-                f"within {timeout:.0f}s; see `docker compose logs {' '.join(services)}`")
-        time.sleep(1)
+    try:
+        eventually(lambda: reachable(broker, backend), "the services answer", timeout, interval=1)
+    except TimeoutError:
+        raise ServiceUnavailable(
+            f"the containers started but {mask(broker)} / {mask(backend)} did not answer "
+            f"within {timeout:.0f}s; see `docker compose logs {' '.join(services)}`") from None
 
 
 def compose_stop(services=COMPOSE_SERVICES):

@@ -24,10 +24,17 @@ class StackFailed(RuntimeError):
     """A process of the stack exited or never answered; the message holds the tail of its log."""
 
 
-def worker_command(queue, *extra):
-    """The command a user types to start the worker of one queue (from the project folder)."""
-    return ["celery", "-A", "tasks", "worker", "-Q", queue, "-n",
-            f"{WORKER_NAMES.get(queue, queue)}@%h", *extra]
+def worker_command(queue, *extra, name=None):
+    """The command a user types to start the worker of one queue (from the project folder):
+    ``celery -A tasks worker -Q QUEUE -n NAME@%h EXTRA``; NAME is the queue's short name
+    (WORKER_NAMES) unless given, and fast_queue's worker gets its deep prefetch.
+
+    run_demo.py, the README's commands, docker-compose.yml and the tests all use this line.
+    ``queue`` may be several, comma-separated, as `-Q` takes them.
+    """
+    name = name or WORKER_NAMES.get(queue, queue)
+    return ["celery", "-A", "tasks", "worker", "-Q", queue, "-n", f"{name}@%h", *extra,
+            *WORKER_OPTIONS.get(queue, ())]
 
 
 def wait_for_workers(app, names, timeout, processes=None, by_log=False):
@@ -202,10 +209,9 @@ def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=No
     nodes = []
     for queue in queues:
         short = WORKER_NAMES.get(queue, queue)
-        processes.celery(f"worker-{short}", "worker", "-Q", queue, "-n", f"{short}@%h", "-E",
-                         "-P", "prefork", "-c", str(concurrency),
-                         "--without-mingle", "--without-gossip", "-l", loglevel,
-                         *WORKER_OPTIONS.get(queue, ()))
+        processes.start(f"worker-{short}", [sys.executable, "-m", *worker_command(
+            queue, "-E", "-P", "prefork", "-c", str(concurrency),
+            "--without-mingle", "--without-gossip", "-l", loglevel)])
         nodes.append(f"{short}@{host}")
     if beat:
         processes.celery("beat", "beat", "-s", str(processes.run_dir / "celerybeat-schedule"),
@@ -219,14 +225,14 @@ def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=No
 
 def wait_for_port(host, port, timeout):
     """True once something accepts TCP connections on host:port (Flower), False at timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.2)
-    return False
+    def accepts():
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    try:
+        return eventually(accepts, f"{host}:{port} accepting connections", timeout,
+                          interval=0.2, ignore=OSError)
+    except TimeoutError:
+        return False
 
 
 def free_port(preferred=5555):

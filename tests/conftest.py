@@ -1,10 +1,18 @@
-"""Shared fixtures: the in-process memory stack, and real RabbitMQ + Redis on throw-away vhosts.
+"""Shared fixtures and the one helper for each job the tests share.
 
-RabbitMQ tests skip on a machine without RabbitMQ, Redis or rabbitmqctl, except on CI
-(CI=true), where such a skip is turned into a failure: CI must prove the real broker.
+The stack: RabbitMQ + Redis where this machine has them (each test on a throw-away vhost and
+Redis key prefix), else the embedded multi-process stack (kombu filesystem:// + file://
+results, in the test's tmp_path). Only RabbitMQ-specific tests skip without RabbitMQ, and only
+through ``skip()``, which fails on CI (CI=true): CI must run everything, on the real broker.
+
+The broker the tests use is the first of these that answers and can be administered (through
+the management API, or a local rabbitmqctl): CELERY_BROKER_URL if you set one, RabbitMQ's
+default guest@localhost, the docker-compose broker (user celery). Your own vhost is never
+touched.
 """
 import functools
 import importlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -22,10 +30,24 @@ sys.path.insert(0, str(ROOT))
 
 import stack  # noqa: E402
 
-MEMORY_ENV = {"CELERY_BROKER_URL": "memory://localhost/", "CELERY_RESULT_BACKEND": "cache+memory://"}
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+HOST = socket.gethostname()
+WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
+
+# One environment rule for every process a test starts (and for this one): the environment
+# pytest was started with, minus the user's own Celery, Flower, demo and RabbitMQ settings,
+# plus what the test sets. The user's broker and backend are remembered first: the tests make
+# their throw-away vhosts there.
+USER_SETTINGS = ("CELERY_", "FLOWER_", "DEMO_", "RABBITMQ_")
+USER_BROKER = os.environ.get("CELERY_BROKER_URL")
+USER_BACKEND = os.environ.get("CELERY_RESULT_BACKEND")
+COMPOSE_BROKER = stack.compose_broker_url()  # reads RABBITMQ_DEFAULT_USER/_PASS, as compose does
+for _key in [k for k in os.environ if k.startswith(USER_SETTINGS)]:
+    del os.environ[_key]
+os.environ.update(PYTHONUNBUFFERED="1", COLUMNS="200")
 
 
+# --- Skips: one helper, which fails on CI ---------------------------------------------------
 def skip(reason):
     """Skip this test, saying why; on CI (CI=true) fail instead: CI runs every test."""
     if ON_CI:
@@ -33,32 +55,137 @@ def skip(reason):
     pytest.skip(reason)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On CI, a skip that did not come through skip() (a skipif mark, a direct pytest.skip)
+    fails all the same."""
+    report = (yield).get_result()
+    if ON_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, so no test may skip, but this one did: {reason}"
+
+
+# --- Which services the tests use --------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
+def rabbit():
+    """(broker URL, Redis URL, admin) of a RabbitMQ + Redis the tests may use, or a reason why
+    there is none (a str)."""
+    backend = USER_BACKEND if (USER_BACKEND or "").startswith("redis://") else stack.DEFAULT_BACKEND
+    brokers = [url for url in (USER_BROKER, stack.DEFAULT_BROKER, COMPOSE_BROKER)
+               if url and url.startswith(("amqp://", "pyamqp://"))]
+    problems = []
+    for broker in dict.fromkeys(brokers):
+        try:
+            stack.check_broker(broker, timeout=2)
+            admin = stack.rabbit_admin(broker)
+        except (stack.ServiceUnavailable, stack.AdminUnavailable) as exc:
+            problems.append(str(exc))
+            continue
+        try:
+            stack.check_backend(backend, timeout=2)
+        except stack.ServiceUnavailable as exc:
+            return str(exc)
+        return broker, backend, admin
+    return "no usable RabbitMQ: " + " | ".join(problems)
+
+
 def rabbit_problem():
-    """None when RabbitMQ, Redis and rabbitmqctl are all usable, else what is missing."""
-    try:
-        stack.check_broker(stack.DEFAULT_BROKER, timeout=2)
-        stack.check_backend(stack.DEFAULT_BACKEND, timeout=2)
-    except stack.ServiceUnavailable as exc:
-        return str(exc)
-    if not stack.rabbitmqctl_usable():
-        return "rabbitmqctl is missing or not permitted (needed for throw-away vhosts)"
-    return None
+    found = rabbit()
+    return found if isinstance(found, str) else None
 
 
-def require_rabbit():
-    problem = rabbit_problem()
-    if problem:
-        skip(f"RabbitMQ + Redis not available: {problem}")
+class StackEnv(dict):
+    """The environment variables of a throw-away stack, and what it is."""
+    kind = "embedded"
+    admin = vhost = None
+
+    @property
+    def is_rabbit(self):
+        return self.kind == "rabbitmq"
+
+    def only_rabbit(self, why):
+        """Skip (fail on CI) unless this stack is RabbitMQ: ``why`` says what needs it."""
+        if not self.is_rabbit:
+            skip(f"RabbitMQ only: {why} (this machine has no RabbitMQ + Redis: "
+                 f"{rabbit_problem()})")
+
+
+@contextmanager
+def throwaway_stack(run_dir):
+    """The one throw-away environment builder: a new vhost + Redis key prefix on RabbitMQ,
+    removed afterwards, or the embedded stack in ``run_dir``. On CI it must be RabbitMQ."""
+    found = rabbit()
+    if isinstance(found, str):
+        if ON_CI:
+            pytest.fail(f"CI=true, so the tests must run on RabbitMQ + Redis, but: {found}")
+        env = StackEnv(stack.embedded_env(run_dir))
+        yield env
+        return
+    broker, backend, admin = found
+    with stack.throwaway_vhost(broker, admin=admin) as url, \
+            stack.throwaway_redis_prefix(backend) as prefix:
+        env = StackEnv(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=backend,
+                       CELERY_RESULT_KEYPREFIX=prefix)
+        env.kind, env.admin, env.vhost = "rabbitmq", admin, stack.vhost_of(url)
+        yield env
 
 
 @pytest.fixture
-def rabbit_env():
-    """Environment for subprocesses: a fresh vhost and Redis key prefix, removed afterwards."""
-    require_rabbit()
-    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
-        yield {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
-               "CELERY_RESULT_KEYPREFIX": prefix}
+def stack_env(tmp_path):
+    """A throw-away stack for this test (RabbitMQ + Redis, or embedded)."""
+    with throwaway_stack(tmp_path / "stack") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def module_env(tmp_path_factory):
+    """A throw-away stack shared by the tests of a module."""
+    with throwaway_stack(tmp_path_factory.mktemp("stack")) as env:
+        yield env
+
+
+# --- Subprocesses: one runner -----------------------------------------------------------------
+def run(argv, env=None, timeout=60, cwd=ROOT):
+    """Run a command as a user would, from the project folder; the result has ``seconds``.
+
+    A hang ends in subprocess.TimeoutExpired at ``timeout``: a failure, not a wait."""
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=cwd, env=environment(**(env or {})),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    done.seconds = time.monotonic() - started
+    done.output = done.stdout + done.stderr
+    return done
+
+
+def environment(**extra):
+    """The environment of a process a test starts (see the rule at the top), plus ``extra``."""
+    return {**os.environ, **extra}
+
+
+def python(*args, env=None, timeout=60, cwd=ROOT):
+    """`python ARGS` with this virtualenv's interpreter: see run()."""
+    return run([sys.executable, *args], env=env, timeout=timeout, cwd=cwd)
+
+
+def client_app(env):
+    """A client configured as a fresh process with ``env`` would be: celeryconfig read anew
+    (so filesystem:// gets its folders, amqp:// its publisher confirms) and independent of the
+    `tasks` module's state."""
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        spec = importlib.util.spec_from_file_location("celeryconfig_for_test",
+                                                      ROOT / "celeryconfig.py")
+        config = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(config)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    app = Celery("test-client", set_as_current=False)
+    app.config_from_object(config)
+    return app
 
 
 def configure(env):
@@ -69,7 +196,8 @@ def configure(env):
     """
     import celeryconfig
     import tasks
-    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX"):
+    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX",
+                "CELERY_FS_ROOT"):
         os.environ.pop(key, None)
     os.environ.update(env)
     importlib.reload(celeryconfig)
@@ -86,9 +214,11 @@ def configure(env):
     return app
 
 
-class Stack:
-    def __init__(self, name, app, workers):
-        self.name, self.app, self.workers = name, app, workers
+# --- In-process workers: the `live` fixture ---------------------------------------------------
+class Live:
+    def __init__(self, env, app, workers):
+        self.env, self.app, self.workers = env, app, workers
+        self.name = env.kind
 
     def context(self, **kwargs):
         """A demo context with what this stack offers (in-process workers: the threads pool)."""
@@ -98,73 +228,43 @@ class Stack:
         return demos.Context(app=self.app, offers=offers, **kwargs)
 
 
-@pytest.fixture(scope="session", params=["memory", "rabbitmq"])
-def live(request, tmp_path_factory):
-    """The `tasks` app with real in-process workers for every queue, and beat.
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The `tasks` app with real in-process workers (threads pool) for every queue, and beat,
+    on RabbitMQ + Redis, or on the embedded stack where there is none.
 
-    Every test that takes this fixture runs twice: on memory:// and on RabbitMQ + Redis.
+    memory:// is not a variant here: complete_demo.py runs the whole catalogue on it
+    (test_config.py), and a broker other processes can reach proves more.
     """
     saved = dict(os.environ)
     try:
-        if request.param == "memory":
-            env = dict(MEMORY_ENV)
+        with throwaway_stack(tmp_path_factory.mktemp("live")) as env:
+            # os.environ too: a demo's "another process" (demo_states) inherits it
             app = configure(env)
-            yield from _workers(request.param, app, tmp_path_factory)
-        else:
-            require_rabbit()
-            with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
-                app = configure({"CELERY_BROKER_URL": url, "CELERY_RESULT_KEYPREFIX": prefix,
-                                 "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND})
-                yield from _workers(request.param, app, tmp_path_factory)
-    finally:
+            queues = [q.name for q in app.conf.task_queues]
+            run_dir = tmp_path_factory.mktemp("beat")
+            with stack.in_process_workers(app, queues, beat=True, run_dir=run_dir) as workers:
+                yield Live(env, app, workers)
+    finally:  # processes that later modules start must not inherit this stack
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _workers(name, app, tmp_path_factory):
-    queues = [q.name for q in app.conf.task_queues]
-    run_dir = tmp_path_factory.mktemp(f"beat-{name}")
-    with stack.in_process_workers(app, queues, beat=True, run_dir=run_dir) as workers:
-        yield Stack(name, app, workers)
-
-
-# --- Helpers for tests that run real worker processes (test_faults.py, test_bad_input.py) ---
-HOST = socket.gethostname()
-WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
-
-
-def client_app(env):
-    """A client for the test's vhost that does not depend on the `tasks` module's state."""
-    app = Celery("test-client", set_as_current=False)
-    app.config_from_object("celeryconfig")
-    app.conf.update(
-        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
-        broker_transport_options={"confirm_publish": True},  # what celeryconfig sets for amqp
-        result_backend_transport_options={"global_keyprefix": env["CELERY_RESULT_KEYPREFIX"],
-                                          "retry_policy": {"timeout": 5.0}})
-    return app
-
-
+# --- Real worker processes (test_faults.py, test_bad_input.py, test_clients.py) ------------
 def start_worker(procs, name, queues, *extra):
-    return procs.celery(name, "worker", "-Q", queues, "-n", f"{name}@%h", *WORKER_FLAGS, *extra)
+    """`celery -A tasks worker -Q QUEUES -n NAME@%h` as stack.worker_command builds it."""
+    return procs.start(name, [sys.executable, "-m",
+                              *stack.worker_command(queues, *WORKER_FLAGS, *extra, name=name)])
 
 
 def wait_for_log(path, text, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in Path(path).read_text(errors="replace"):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def run_client(code, env, timeout=60):
-    """Run `python -c code` as a user would, against ``env``; return (process, seconds)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=stack.HERE, env={**base, **env},
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - started
+    """True once ``text`` is in the file at ``path``, False at the deadline."""
+    try:
+        return stack.eventually(lambda: text in Path(path).read_text(errors="replace"),
+                                f"{text!r} in {path}", timeout, interval=0.1,
+                                ignore=FileNotFoundError)
+    except TimeoutError:
+        return False
 
 
 def worker_until_exit(run_dir, env, name, timeout=60):
@@ -183,12 +283,13 @@ def worker_until_exit(run_dir, env, name, timeout=60):
 def worker_without(run_dir, name, broker_url):
     """A worker whose broker is not there, started now, so its retries overlap other tests.
 
-    Yields (process, log path, seconds from start to exit); the last fails until it exited.
+    Its results go to file:// in ``run_dir`` (it checks its result backend first, and that
+    one must answer). Yields (process, log path, seconds from start to exit); the last fails
+    until it exited.
     """
-    require_rabbit()  # Redis must answer: the worker checks its result backend first
-    procs = stack.Processes(run_dir, {
-        "CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
-        "CELERY_RESULT_KEYPREFIX": "celery-demo-unused:"})
+    (Path(run_dir) / "results").mkdir(parents=True, exist_ok=True)
+    procs = stack.Processes(run_dir, {"CELERY_BROKER_URL": broker_url,
+                                      "CELERY_RESULT_BACKEND": f"file://{run_dir}/results"})
     started, ended = time.monotonic(), []
     proc = start_worker(procs, name, "celery")
     # Note when it exits, even if that is before the test looks (a daemon thread: it ends
@@ -199,3 +300,25 @@ def worker_without(run_dir, name, broker_url):
         yield proc, procs.run_dir / f"{name}.log", lambda: ended[0] - started
     finally:
         procs.stop_all()
+
+
+def print_logs_if_failed(request, failed_before, procs, lines=40):
+    """After a failed test, the end of each log of the processes it started."""
+    if request.session.testsfailed > failed_before:
+        for name, _, path in procs.started:
+            print(f"--- end of {name}.log ---\n{stack.tail(path, lines)}")
+
+
+# --- For tests that are about RabbitMQ itself ------------------------------------------------
+def require_rabbit(why="needs RabbitMQ + Redis"):
+    """Skip (fail on CI) unless this machine has a usable RabbitMQ + Redis."""
+    problem = rabbit_problem()
+    if problem:
+        skip(f"{why}: {problem}")
+
+
+@pytest.fixture
+def rabbit_env(stack_env):
+    """A throw-away RabbitMQ vhost + Redis prefix: for tests about RabbitMQ itself."""
+    stack_env.only_rabbit("this test is about RabbitMQ")
+    return stack_env

@@ -2,60 +2,47 @@
 queue nobody consumes, and no broker at all.
 
     pytest tests/test_clients.py
+
+One stack of real prefork workers (as run_demo.py starts them) serves the module.
 """
 import json
-import os
-import subprocess
-import sys
-from contextlib import contextmanager
 
 import pytest
-from celery import Celery
-
-from conftest import ROOT
 
 import demos
 import stack
+from conftest import HOST, client_app, python
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CELERY_", "FLOWER_", "DEMO_"))}
-    return {**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
-
-
-def run(script, *args, env, timeout):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@contextmanager
-def workers(env, run_dir, queues):
-    """Real worker processes (prefork, as run_demo.py starts them) for ``queues`` only."""
-    processes = stack.Processes(run_dir, env=env)
+@pytest.fixture(scope="module")
+def workers(module_env, tmp_path_factory):
+    """A worker per queue (prefork, as run_demo.py starts them) on the module's stack."""
+    processes = stack.Processes(tmp_path_factory.mktemp("workers"), env=module_env)
+    app = client_app(module_env)
     try:
-        nodes = stack.start_stack(processes, queues=queues, beat=False)
-        stack.wait_for_workers(Celery(broker=env["CELERY_BROKER_URL"]), nodes, 60, processes)
-        yield processes
+        nodes = stack.start_stack(processes, beat=False)
+        stack.wait_for_workers(app, nodes, 60, processes)
+        yield module_env, app
     finally:
         processes.stop_all()
-        assert processes.still_running() == []
+        app.close()
+    assert processes.still_running() == []
 
 
 @pytest.mark.parametrize("script", ["client_fixed.py", "client.py"])
 @pytest.mark.parametrize("broken", ["broker", "backend"])
 def test_without_a_broker_or_backend_a_clear_message_in_seconds(script, broken):
     if broken == "broker":
-        env = clean_env(CELERY_BROKER_URL="amqp://guest:secret@127.0.0.1:1//")
+        env = dict(CELERY_BROKER_URL="amqp://guest:secret@127.0.0.1:1//")
         masked = "amqp://guest:**@127.0.0.1:1//"
     else:  # the broker needs no server; the Redis result backend is missing
-        env = clean_env(CELERY_BROKER_URL="filesystem://", CELERY_FS_ROOT="/nonexistent",
-                        CELERY_RESULT_BACKEND="redis://:secret@127.0.0.1:1/0")
+        env = dict(CELERY_BROKER_URL="filesystem://", CELERY_FS_ROOT="/nonexistent",
+                   CELERY_RESULT_BACKEND="redis://:secret@127.0.0.1:1/0")
         masked = "redis://:**@127.0.0.1:1/0"
-    done = run(script, env=env, timeout=30)  # a hang fails here, not a timed assertion
-    output = done.stdout + done.stderr
+    done = python(script, env=env, timeout=60)
+    output = done.output
     assert done.returncode == 2, output
+    assert done.seconds < 20, f"{done.seconds:.1f}s"  # "in seconds", with room for a busy CPU
     assert f"cannot reach the {'broker' if broken == 'broker' else 'result backend'} at " \
            f"{masked}" in output
     assert "secret" not in output
@@ -64,7 +51,7 @@ def test_without_a_broker_or_backend_a_clear_message_in_seconds(script, broken):
 
 
 def test_list_names_every_demo_with_a_description():
-    done = run("client_fixed.py", "--list", env=clean_env(), timeout=30)
+    done = python("client_fixed.py", "--list", timeout=30)
     assert done.returncode == 0, done.stderr
     listed = dict(line.split(None, 1) for line in done.stdout.splitlines())
     assert list(listed) == list(demos.DEMOS)
@@ -72,19 +59,24 @@ def test_list_names_every_demo_with_a_description():
 
 
 def test_unknown_demo_is_refused_with_the_list():
-    done = run("client_fixed.py", "--only", "basic,nope", env=clean_env(), timeout=30)
+    done = python("client_fixed.py", "--only", "basic,nope", timeout=30)
     assert done.returncode == 2 and "unknown demo nope" in done.stderr
     assert ", ".join(demos.DEMOS) in done.stderr
 
 
-def test_a_queue_without_worker_is_named_instead_of_a_hang(rabbit_env, tmp_path):
-    """Workers for every queue but network_queue: the retry demo names what is missing."""
-    env = clean_env(**rabbit_env)
+def test_a_queue_without_worker_is_named_instead_of_a_hang(workers, tmp_path):
+    """No worker consumes network_queue (its worker stopped consuming it): the retry demo
+    names what is missing, the other demos pass."""
+    env, app = workers
+    network = f"network@{HOST}"
     results = tmp_path / "results.json"
-    with workers(env, tmp_path / "run", ["celery", "fast_queue", "slow_queue"]):
-        done = run("client_fixed.py", "--only", "basic,retry", "--timeout", "8",
-                   "--json", str(results), env=env, timeout=60)
-    output = done.stdout + done.stderr
+    app.control.cancel_consumer("network_queue", destination=[network], reply=True, timeout=5)
+    try:
+        done = python("client_fixed.py", "--only", "basic,retry", "--timeout", "8",
+                      "--json", str(results), env=env, timeout=60)
+    finally:
+        app.control.add_consumer("network_queue", destination=[network], reply=True, timeout=5)
+    output = done.output
     assert done.returncode == 1, output
     outcome = {d["name"]: d for d in json.loads(results.read_text())["demos"]}
     assert outcome["basic"]["ok"]
@@ -98,10 +90,22 @@ def test_a_queue_without_worker_is_named_instead_of_a_hang(rabbit_env, tmp_path)
     assert "Traceback" not in output  # not even at exit, for the result still awaited
 
 
-def test_client_walk_through_runs_to_the_end(rabbit_env, tmp_path):
-    env = clean_env(**rabbit_env)
-    with workers(env, tmp_path / "run", list(stack.WORKER_NAMES)):
-        done = run("client.py", env=env, timeout=120)
+def test_revoke_terminates_a_running_task_on_prefork_workers(workers, tmp_path):
+    """The terminate half of the revoke demo needs pool processes: the in-process workers of
+    test_tasks.py cannot run it, these can."""
+    env, _ = workers
+    results = tmp_path / "results.json"
+    done = python("client_fixed.py", "--only", "revoke", "--json", str(results), env=env,
+                  timeout=60)
+    assert done.returncode == 0, done.output[-3000:]
+    [outcome] = json.loads(results.read_text())["demos"]
+    assert outcome["detail"] == ("revoke() of a waiting task and revoke(terminate=True) of a "
+                                 "running one -> REVOKED"), outcome
+
+
+def test_client_walk_through_runs_to_the_end(workers):
+    env, _ = workers
+    done = python("client.py", env=env, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in ("add(4, 4) = 8", "step 1 of 5", "ran on fast@", "chord: {'count': 3",
                  "'attempts': 3", "ended FAILURE", "revoked at once -> REVOKED",
@@ -109,7 +113,8 @@ def test_client_walk_through_runs_to_the_end(rabbit_env, tmp_path):
         assert step in done.stdout, step
 
 
-def test_no_worker_at_all_is_reported_at_once(rabbit_env):
-    done = run("client_fixed.py", env=clean_env(**rabbit_env), timeout=30)
-    assert done.returncode == 1, done.stdout + done.stderr
+def test_no_worker_at_all_is_reported_at_once(stack_env):
+    done = python("client_fixed.py", env=stack_env, timeout=60)
+    assert done.returncode == 1, done.output
     assert "no worker answers" in done.stderr and "python run_demo.py --keep-running" in done.stderr
+    assert done.seconds < 20, f"{done.seconds:.1f}s"  # "at once": not the demos' deadlines

@@ -7,20 +7,18 @@ PyYAML and checked for what `docker compose up` relies on. The healthchecks of a
 beat are then run for real against worker and beat processes on a throw-away vhost, and
 `docker compose config` validates the file where docker compose is installed.
 """
-import fnmatch
 import os
 import re
+from contextlib import contextmanager
 import shlex
 import socket
 import subprocess
 import sys
-import time
 
-import pytest
 import yaml
-from celery import Celery
+from docker.utils.build import exclude_paths
 
-from conftest import ROOT
+from conftest import ROOT, client_app, run, skip
 
 import celeryconfig
 import stack
@@ -93,7 +91,8 @@ def test_every_queue_has_exactly_one_worker_named_as_stack_names_it():
     for queue, service in workers.items():
         args = argv(service)
         node = f"{stack.WORKER_NAMES[queue]}@%h"
-        assert args[args.index("-n") + 1] == node, service
+        # the very command run_demo.py and the README use, plus the container's options
+        assert args == stack.worker_command(queue, "-E", "-c", "2", "-l", "INFO"), service
         assert "-E" in args, f"{service}: without -E Flower shows no tasks"
         assert args.count("-Q") == 1, service
         # the healthcheck pings this very node ($HOSTNAME is what %h expands to)
@@ -112,12 +111,22 @@ def test_exactly_one_beat_and_it_can_write_its_schedule():
 
 
 def test_commands_run_modules_and_files_of_this_project():
+    """Each celery command is accepted as written: `celery ... --help` loads the app (-A
+    tasks) and validates every option before printing help; a python command names a file."""
+    checks = {}
     for name in OWN_IMAGE:
         args = argv(name)
         if args[0] == "celery":
-            assert args[1:3] == ["-A", "tasks"] and (ROOT / "tasks.py").is_file(), name
+            assert args[1:3] == ["-A", "tasks"], name
+            checks[name] = subprocess.Popen(  # in parallel: each starts a Python
+                [sys.executable, "-m", *local(args, "/tmp"), "--help"], cwd=ROOT,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         else:
             assert args[0] == "python" and (ROOT / args[1]).is_file(), f"{name}: {args}"
+    for name, proc in checks.items():
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"{name}: {' '.join(argv(name))}\n{output[-2000:]}"
+        assert "Usage: python -m celery" in output, f"{name}: {output[-2000:]}"
 
 
 def test_every_service_but_the_client_has_a_healthcheck():
@@ -167,18 +176,6 @@ def test_no_password_is_hard_coded_and_every_variable_has_a_default():
         for key, value in (service.get("environment") or {}).items():
             if re.search(r"PASS|SECRET|TOKEN|AUTH", key):
                 assert str(value).startswith("${"), f"{name}: {key} is hard-coded"
-
-
-def test_celery_uses_the_user_that_rabbitmq_creates():
-    for env in ({}, {"RABBITMQ_DEFAULT_USER": "alice", "RABBITMQ_DEFAULT_PASS": "s3cret"}):
-        rabbit = {k: interpolate(v, env) for k, v in SERVICES["rabbitmq"]["environment"].items()}
-        user, password = rabbit["RABBITMQ_DEFAULT_USER"], rabbit["RABBITMQ_DEFAULT_PASS"]
-        assert user != "guest", "RabbitMQ refuses guest from other containers"
-        for name in OWN_IMAGE:
-            url = interpolate(SERVICES[name]["environment"]["CELERY_BROKER_URL"], env)
-            assert url == f"amqp://{user}:{password}@rabbitmq:5672//", name
-            assert interpolate(SERVICES[name]["environment"]["CELERY_RESULT_BACKEND"], env) \
-                == "redis://redis:6379/0", name
 
 
 def test_postgres_results_are_one_variable_away_and_healthy_only_when_tcp_answers():
@@ -243,33 +240,30 @@ def test_dockerfile_installs_the_pinned_requirements_and_runs_as_a_user():
     assert [i for i, _ in steps].index("USER") > [i for i, _ in steps].index("RUN")
 
 
-def ignored(path, patterns):
-    """Docker's rule, simplified: the last matching pattern decides; a matching folder
-    excludes what is inside it; a pattern starting with **/ matches at any depth."""
-    parts = path.split("/")
-    result = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/")
-        if pattern.startswith("**/"):
-            hit = any(fnmatch.fnmatchcase(part, pattern[3:]) for part in parts)
-        else:
-            hit = any(fnmatch.fnmatchcase("/".join(parts[:i + 1]), pattern)
-                      for i in range(len(parts)))
-        if hit:
-            result = not negate
-    return result
-
-
-def test_dockerignore_keeps_secrets_out_and_the_code_in():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    for path in (".env", ".venv/bin/python", ".git/HEAD", "tests/__pycache__/x.pyc", ".run/a"):
-        assert ignored(path, patterns), path
+def test_dockerignore_keeps_secrets_out_and_the_code_in(tmp_path):
+    """docker-py's own .dockerignore matcher decides, on a tree with the files in question."""
+    kept_out = [".env", ".venv/bin/python", ".git/HEAD", "tests/__pycache__/x.pyc", ".run/a"]
     needed = ["requirements.txt", "tasks.py", "celeryconfig.py", "demos.py", "stack/__init__.py",
               "client_fixed.py"]
-    for path in needed:
-        assert not ignored(path, patterns), path
+    for path in kept_out + needed:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    in_context = set(exclude_paths(str(tmp_path), patterns))
+    assert not in_context & set(kept_out), in_context & set(kept_out)
+    assert set(needed) <= in_context, set(needed) - in_context
+
+
+@contextmanager
+def patched_environ(env):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # --- docker compose itself, where the plugin is installed -----------------------------------
@@ -277,7 +271,7 @@ def compose_command():
     """`docker compose` (the plugin), else a standalone `docker-compose`, else None."""
     for command in (["docker", "compose"], ["docker-compose"]):
         try:
-            version = subprocess.run([*command, "version"], capture_output=True, timeout=30)
+            version = run([*command, "version"], timeout=30)
         except FileNotFoundError:
             continue
         if version.returncode == 0:
@@ -285,16 +279,30 @@ def compose_command():
     return None
 
 
-def test_docker_compose_config_accepts_the_file():
+def test_docker_compose_accepts_the_file_and_celery_gets_the_user_rabbitmq_creates():
+    """`docker compose config` (it parses, validates and interpolates; no engine needed) is
+    the judge of ${VAR:-default}: with and without the user's own credentials."""
     command = compose_command()
     if not command:
-        pytest.skip("the docker client has no compose plugin (`docker compose` unknown)")
-    # `config` only parses, validates and interpolates: it needs no engine
-    done = subprocess.run([*command, "--profile", "client", "config", "--services"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")})
-    assert done.returncode == 0, done.stderr
-    assert set(done.stdout.split()) == set(SERVICES)
+        skip("no `docker compose` / `docker-compose` here to validate docker-compose.yml "
+             "(.ci/run installs it)")
+    for env in ({}, {"RABBITMQ_DEFAULT_USER": "alice", "RABBITMQ_DEFAULT_PASS": "s3cret"}):
+        done = run([*command, "--profile", "client", "config"], env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        services = yaml.safe_load(done.stdout)["services"]
+        assert set(services) == set(SERVICES)
+        rabbit = services["rabbitmq"]["environment"]
+        user, password = rabbit["RABBITMQ_DEFAULT_USER"], rabbit["RABBITMQ_DEFAULT_PASS"]
+        assert (user, password) == (env.get("RABBITMQ_DEFAULT_USER", "celery"),
+                                    env.get("RABBITMQ_DEFAULT_PASS", "celery"))
+        assert user != "guest", "RabbitMQ refuses guest from other containers"
+        # run_demo.py --broker docker reaches that RabbitMQ as the same user
+        with patched_environ(env):
+            assert stack.compose_broker_url() == f"amqp://{user}:{password}@localhost:5672//"
+        for name in OWN_IMAGE:
+            environment = services[name]["environment"]
+            assert environment["CELERY_BROKER_URL"] == f"amqp://{user}:{password}@rabbitmq:5672//", name
+            assert environment["CELERY_RESULT_BACKEND"] == "redis://redis:6379/0", name
 
 
 # --- The healthchecks, run for real ---------------------------------------------------------
@@ -311,31 +319,27 @@ def healthy(service, env, tmp_path):
     """Run a service's healthcheck as Docker would; True when it passes."""
     test = local(healthcheck_command(service), tmp_path)
     command = ["sh", "-c", interpolate(test[1])] if test[0] == "CMD-SHELL" else test[1:]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=30)
-    return done.returncode == 0
+    return run(command, env=env, timeout=30).returncode == 0
 
 
-def test_worker_and_beat_healthchecks_pass_only_while_they_run(rabbit_env, tmp_path):
+def test_worker_and_beat_healthchecks_pass_only_while_they_run(stack_env, tmp_path):
     worker, absent = worker_services()["celery"], worker_services()["fast_queue"]
     # Docker sets HOSTNAME to the container's host name, which is what %h expands to;
     # `celery` and `python` are this virtualenv's, as they are the image's in a container.
-    env = {**os.environ, **rabbit_env, "HOSTNAME": socket.gethostname(),
+    env = {**stack_env, "HOSTNAME": socket.gethostname(),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     assert not healthy("beat", env, tmp_path), "no schedule file yet, yet beat is healthy"
-    processes = stack.Processes(tmp_path, env=rabbit_env)
+    processes = stack.Processes(tmp_path, env=stack_env)
     try:
         for service in (worker, "beat"):
             processes.start(service, [sys.executable, "-m", *local(argv(service), tmp_path)])
         # wait until the worker answers a ping (a check run earlier would wait its timeout)
-        app = Celery(broker=rabbit_env["CELERY_BROKER_URL"])
-        stack.wait_for_workers(app, [f"default@{socket.gethostname()}"], 40)
+        stack.wait_for_workers(client_app(stack_env), [f"default@{socket.gethostname()}"], 40,
+                               processes)
         assert healthy(worker, env, tmp_path), "a running worker fails its healthcheck"
-        deadline = time.monotonic() + 20
-        while not healthy("beat", env, tmp_path):
-            for name, code in processes.exited():
-                pytest.fail(f"{name} exited ({code}):\n{processes.log_tail(name)}")
-            assert time.monotonic() < deadline, "beat not healthy within 20s"
-            time.sleep(0.5)
+        stack.eventually(lambda: healthy("beat", env, tmp_path) or processes.exited(),
+                         "beat healthy", 20, interval=0.5)
+        assert not processes.exited(), [processes.log_tail(n) for n, _ in processes.exited()]
         assert not healthy(absent, env, tmp_path), "no fast_queue worker runs, yet it is healthy"
     finally:
         processes.stop_all()

@@ -1,26 +1,17 @@
 """The configuration a user reads and overrides, and the no-service demo."""
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import python
 
 import stack
 
-PY = sys.executable
-
-
-def run(args, env=None, timeout=60):
-    return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
 
 def test_python_m_celeryconfig_prints_the_config_with_the_password_masked():
-    out = run(["-m", "celeryconfig"], {"CELERY_BROKER_URL": "amqp://alice:s3cret@broker:5672/prod",
-                                      "CELERY_RESULT_BACKEND": "redis://:hunter2@cache:6379/1"})
+    out = python("-m", "celeryconfig", env={
+        "CELERY_BROKER_URL": "amqp://alice:s3cret@broker:5672/prod",
+        "CELERY_RESULT_BACKEND": "redis://:hunter2@cache:6379/1"})
     assert out.returncode == 0, out.stderr
     assert "s3cret" not in out.stdout and "hunter2" not in out.stdout
     assert "broker_url = 'amqp://alice:**@broker:5672/prod'" in out.stdout
@@ -46,9 +37,8 @@ def test_python_m_celeryconfig_names_the_effective_pair_and_what_it_cannot_do():
 
 
 def test_defaults_point_at_local_rabbitmq_and_redis():
-    env_free = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
-    out = subprocess.run([PY, "-c", "import celeryconfig as c; print(c.broker_url, c.result_backend)"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=30, env=env_free)
+    out = python("-c", "import celeryconfig as c; print(c.broker_url, c.result_backend)",
+                 timeout=30)
     assert out.stdout.split() == [stack.DEFAULT_BROKER, stack.DEFAULT_BACKEND]
 
 
@@ -68,14 +58,14 @@ def test_an_unreachable_broker_is_reported_in_seconds_with_the_url_masked():
     message = str(error.value)
     assert "cannot reach the broker at amqp://guest:**@127.0.0.1:1//" in message
     assert "s3cret" not in message and "docker compose up -d rabbitmq redis" in message
-    assert time.monotonic() - started < 30  # a bound so the test cannot hang, not a speed check
+    assert time.monotonic() - started < 10  # "in seconds": check_broker's own timeout is 2 s
 
 
 def test_complete_demo_runs_every_section_without_any_service():
     """It must ignore CELERY_BROKER_URL: point it at a broker that does not exist."""
-    out = run(["complete_demo.py"], {"CELERY_BROKER_URL": "amqp://nobody:x@127.0.0.1:1//",
-                                     "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/0",
-                                     "COLUMNS": "200"}, timeout=120)
+    out = python("complete_demo.py", env={"CELERY_BROKER_URL": "amqp://nobody:x@127.0.0.1:1//",
+                                          "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/0"},
+                 timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import demos
     offers = stack.offers_for("memory://", "cache+memory://", pool="threads")

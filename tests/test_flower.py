@@ -2,34 +2,44 @@
 
     pytest tests/test_flower.py
 
-On a throw-away vhost this starts a worker per queue (as run_demo.py does, with -E), two Flowers
+On a throw-away stack (RabbitMQ vhost, or the embedded stack) this starts a worker per queue (as run_demo.py does, with -E), two Flowers
 (one with basic auth, one without any auth) and runs a few demos with client_fixed.py. Then it
 asks Flower's HTTP API what a user would look for on its pages: every worker with its queue,
 and each demo task with its arguments and final state.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 import requests
-from celery import Celery
 
-from conftest import ROOT, require_rabbit
+from conftest import client_app, python, throwaway_stack
 
 import stack
 
 import demos
 
 DEMOS = tuple(demos.DEMOS)  # every demo of the catalogue, as client_fixed.py runs them
-# The task each demo is about, as Flower should list it once the demo has run
-DEMO_TASKS = {"basic": "tasks.add", "states": "tasks.take_time", "progress": "tasks.slow_task",
-              "routing": "tasks.fast_task", "canvas": "tasks.combine_results",
-              "workflow": "tasks.send_notification", "chunks": "tasks.multiply",
-              "retry": "tasks.fetch_url", "time_limit": "tasks.time_limited",
-              "rate_limit": "tasks.limited_task", "periodic": "tasks.check_system",
-              "callbacks": "tasks.important_task", "logging": "tasks.log_work",
-              "priority": "tasks.priority_task", "expires": "tasks.add", "revoke": "tasks.slow_task"}
+# The task each demo is about, as Flower lists it once the demo has run: its name, its
+# arguments (None: any), its final state. Each entry picks out that demo's own task.
+DEMO_TASKS = {
+    "basic": ("tasks.add", "(2, 3)", "SUCCESS"),
+    "states": ("tasks.take_time", "(0.5,)", "SUCCESS"),
+    "progress": ("tasks.slow_task", "(5,)", "SUCCESS"),
+    "routing": ("tasks.fast_task", "('routed',)", "SUCCESS"),
+    "canvas": ("tasks.process_data", "(5,)", "SUCCESS"),            # the chain's first step
+    "workflow": ("tasks.send_notification", None, "SUCCESS"),
+    "chunks": ("tasks.multiply", None, "SUCCESS"),
+    "retry": ("tasks.fetch_url", None, "SUCCESS"),                 # after two retries
+    "time_limit": ("tasks.time_limited", "(5,)", "SUCCESS"),       # stopped at its soft limit
+    "rate_limit": ("tasks.limited_task", None, "SUCCESS"),
+    "periodic": ("tasks.check_system", None, "SUCCESS"),           # sent by beat
+    "callbacks": ("tasks.important_task", "('retry',)", "SUCCESS"),
+    "logging": ("tasks.log_work", "(3,)", "SUCCESS"),
+    "priority": ("tasks.priority_task", "('high',)", "SUCCESS"),
+    "expires": ("tasks.add", "(1, 1)", "REVOKED"),                 # revoked, never run
+    "revoke": ("tasks.slow_task", "(40,)", "REVOKED"),             # revoke(terminate=True)
+}
+NO_TASK = {"inspect"}  # demos that send no task
 BEAT_TASKS = {"tasks.check_system", "tasks.generate_report"}  # beat keeps sending these
 USER, PASSWORD = "admin", "flower-test"
 UNAUTHENTICATED_401 = ("FLOWER_UNAUTHENTICATED_API environment variable is required to enable "
@@ -54,14 +64,10 @@ class Flower:
 @pytest.fixture(scope="module")
 def demo_in_flower(tmp_path_factory):
     """Workers, two Flowers and the demos' tasks; yields (Flower with auth, Flower without, nodes)."""
-    require_rabbit()
-    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
-        env = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
-               "CELERY_RESULT_KEYPREFIX": prefix}
+    with throwaway_stack(tmp_path_factory.mktemp("stack")) as env:
         run_dir = tmp_path_factory.mktemp("flower")
         processes = stack.Processes(run_dir, env=env)
-        for key in [k for k in processes.env if k.startswith("FLOWER_")]:
-            del processes.env[key]  # a user's FLOWER_* settings must not change what we test
+        app = client_app(env)
         try:
             nodes = stack.start_stack(processes, beat=True, concurrency=1)
             secured = Flower(stack.free_port(0), auth=(USER, PASSWORD))
@@ -70,7 +76,7 @@ def demo_in_flower(tmp_path_factory):
                                         ("flower-bare", bare, [])):
                 processes.celery(name, "flower", "--address=127.0.0.1",
                                  f"--port={flower.base.rsplit(':', 1)[1]}", *extra)
-            stack.wait_for_workers(Celery(broker=url), nodes, 60, processes)
+            stack.wait_for_workers(app, nodes, 60, processes)
             # Flower only knows of tasks whose events it received: wait until its event
             # receiver has seen every worker's heartbeat before any task is sent.
             stack.eventually(lambda: set(nodes) <= set(secured.api("/api/workers", status=1)),
@@ -80,15 +86,14 @@ def demo_in_flower(tmp_path_factory):
                              "the second Flower did not answer", 30,
                              ignore=requests.RequestException)
             results = run_dir / "demos.json"
-            done = subprocess.run(
-                [sys.executable, "client_fixed.py", "--only", ",".join(DEMOS), "--json",
-                 str(results)], cwd=ROOT, env=processes.env, capture_output=True, text=True,
-                timeout=240)
+            done = python("client_fixed.py", "--only", ",".join(DEMOS), "--json", str(results),
+                          env=env, timeout=240)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             assert [d["name"] for d in json.loads(results.read_text())["demos"]] == list(DEMOS)
             yield secured, bare, nodes
         finally:
             processes.stop_all()
+            app.close()
 
 
 def final_tasks(flower):
@@ -137,18 +142,16 @@ def test_demo_tasks_appear_with_arguments_and_final_states(demo_in_flower):
 
 def test_every_demo_shows_its_tasks_in_a_final_state(demo_in_flower):
     flower, _, _ = demo_in_flower
+    assert set(DEMO_TASKS) == set(DEMOS) - NO_TASK, "a demo without its task in DEMO_TASKS"
     tasks = list(final_tasks(flower).values())
-    states = {}
-    for task in tasks:
-        states.setdefault(task["name"], set()).add(task["state"])
-    assert set(DEMO_TASKS) == set(DEMOS) - {"inspect"}  # inspect sends no task
-    for demo, name in DEMO_TASKS.items():
-        assert name in states, f"the {demo} demo's {name} is not in Flower"
-    assert states["tasks.time_limited"] == {"SUCCESS", "FAILURE"}  # soft limit caught, hard killed
-    assert "REVOKED" in states["tasks.add"]           # expires: revoked, never run
-    assert "REVOKED" in states["tasks.slow_task"]     # revoke(terminate=True)
-    assert states["tasks.fetch_url"] == {"SUCCESS"}   # after two retries
-    assert "SUCCESS" in states["tasks.check_system"]  # sent by beat
+    for demo, (name, args, state) in DEMO_TASKS.items():
+        found = [t for t in tasks if t["name"] == name and args in (None, t["args"])]
+        assert found, f"the {demo} demo's {name}{args or ''} is not in Flower"
+        assert state in {t["state"] for t in found}, f"{demo}: {[t['state'] for t in found]}"
+    assert {t["state"] for t in tasks if t["name"] == "tasks.fetch_url"} == {"SUCCESS"}
+    # soft time limit caught (SUCCESS), hard limit killed (FAILURE)
+    assert {t["state"] for t in tasks if t["name"] == "tasks.time_limited"} == {"SUCCESS",
+                                                                               "FAILURE"}
 
 
 def test_basic_auth_guards_pages_and_api_but_not_the_healthcheck(demo_in_flower):

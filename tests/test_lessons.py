@@ -4,59 +4,46 @@ up by id from another process, chunks and starmap.
     pytest tests/test_lessons.py        # about 15 s
 
 One prefork worker for the default queue, as `celery -A tasks worker -Q celery -n default@%h
--l INFO` starts it (on a throw-away vhost), its log in a file; client_fixed.py runs the new
-demos against it as a user would, and `celery -A tasks result ID` reads a result by id.
+-l INFO` starts it (on a throw-away stack: a RabbitMQ vhost, or the embedded stack), its log
+in a file; client_fixed.py runs the new demos against it as a user would, and
+`celery -A tasks result ID` reads a result by id.
 """
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from celery import Celery
 
-from conftest import ROOT, client_app, require_rabbit
+from conftest import client_app, run
 
 import stack
 
 LESSONS = ["states", "chunks", "time_limit", "logging"]
 
 
-def user_env(**celery):
-    """A user's terminal with the venv activated, and only the CELERY_* settings given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLOWER_", "DEMO_"))}
-    return {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "COLUMNS": "200",
-            **celery}
-
-
-def run(*argv, env, timeout):
-    return subprocess.run(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def lessons(tmp_path_factory):
+def lessons(module_env, tmp_path_factory):
     """Run the new demos on a real prefork worker; yield (env, their outcomes, the worker log)."""
-    require_rabbit()
     run_dir = tmp_path_factory.mktemp("lessons")
-    with stack.throwaway_vhost() as url, stack.throwaway_redis_prefix() as prefix:
-        env = user_env(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=stack.DEFAULT_BACKEND,
-                        CELERY_RESULT_KEYPREFIX=prefix)
-        processes = stack.Processes(run_dir, env=env)
-        try:
-            nodes = stack.start_stack(processes, queues=["celery"], beat=False)
-            stack.wait_for_workers(Celery(broker=url), nodes, 60, processes)
-            results = run_dir / "lessons.json"
-            done = run("python", "client_fixed.py", "--only", ",".join(LESSONS), "--json", str(results),
-                       env=env, timeout=90)
-            outcomes = {d["name"]: d for d in json.loads(results.read_text())["demos"]}
-            assert done.returncode == 0, done.stdout + done.stderr
-            yield env, outcomes, processes.run_dir / "worker-default.log"
-        finally:
-            processes.stop_all()
-        assert processes.still_running() == []
+    # a user's terminal with the venv activated
+    env = {**module_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    processes = stack.Processes(run_dir, env=env)
+    app = client_app(module_env)
+    try:
+        nodes = stack.start_stack(processes, queues=["celery"], beat=False)
+        stack.wait_for_workers(app, nodes, 60, processes)
+        results = run_dir / "lessons.json"
+        done = run(["python", "client_fixed.py", "--only", ",".join(LESSONS), "--json",
+                    str(results)], env=env, timeout=90)
+        outcomes = {d["name"]: d for d in json.loads(results.read_text())["demos"]}
+        assert done.returncode == 0, done.output
+        yield env, outcomes, processes.run_dir / "worker-default.log"
+    finally:
+        processes.stop_all()
+        app.close()
+    assert processes.still_running() == []
 
 
 def test_soft_time_limit_is_caught_and_the_hard_one_kills_the_task(lessons):
@@ -84,7 +71,7 @@ def test_states_are_followed_and_another_process_finds_the_result_by_id(lessons)
     assert detail.startswith("PENDING -> STARTED -> SUCCESS; another process: AsyncResult(")
     # `celery -A tasks result ID`, as the README's step 8 and the production page show it
     sent = client_app(env).send_task("tasks.add", (20, 22))
-    done = run("celery", "-A", "tasks", "result", sent.id, env=env, timeout=60)
+    done = run(["celery", "-A", "tasks", "result", sent.id], env=env, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "42", done.stdout + done.stderr
 
 

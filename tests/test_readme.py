@@ -6,20 +6,20 @@ compared without its comments (which may be translated).
 
 A code block preceded by ``<!-- journey: background NAME -->`` is a terminal left running (a
 worker, beat, Flower); ``<!-- journey: run -->`` blocks are commands that must succeed. The test
-replays them in README order against a throw-away RabbitMQ vhost, as a user would with the
-environment variables the README documents.
+replays them in README order against a throw-away stack (a RabbitMQ vhost, or the embedded
+stack), as a user would with the environment variables the README documents.
 """
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
 
+import celeryconfig
 import stack
-from conftest import ROOT
+from conftest import ROOT, run
 
 JOURNEY = re.compile(r"<!-- journey: (background|run)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
@@ -40,17 +40,24 @@ def journey(text):
 
 
 def shell(command, env, timeout=120):
-    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return run(["bash", "-c", command], env=env, timeout=timeout)
 
 
-def test_readme_journey_runs_as_written(rabbit_env, tmp_path):
+def test_readme_worker_commands_are_the_ones_stack_builds():
+    """run_demo.py, the diagnosis messages and the README start workers with one command."""
+    commands = [c for _, name, cs in journey(read("README.md")) if name.startswith("worker-")
+                for c in cs]
+    assert commands == [" ".join(stack.worker_command(q, "-l", "INFO"))
+                        for q in celeryconfig.QUEUE_NAMES]
+
+
+def test_readme_journey_runs_as_written(stack_env, tmp_path):
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
     assert names == ["worker-default", "worker-fast", "worker-slow", "worker-network", "beat",
                      "flower"]
     # As a user with the venv activated: `celery` and `python` are the venv's.
-    env = {**os.environ, **rabbit_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**stack_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     processes = stack.Processes(tmp_path, env)
     host = os.uname().nodename
     ready = False

@@ -13,23 +13,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, environment
 
 import demos
+import stack
 
 SCRIPT = str(ROOT / "run_demo.py")
 DEAD_BROKER = "amqp://guest:secret@127.0.0.1:1//"
-
-
-def clean_env(**extra):
-    """The user's environment without Celery settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CELERY_", "FLOWER_", "DEMO_"))}
-    return {**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
 
 
 def start(args, env, cwd, command=(sys.executable, SCRIPT)):
@@ -94,7 +90,7 @@ def test_falls_back_to_the_embedded_stack_and_runs_every_demo(tmp_path):
     docker_calls = tmp_path / "docker-calls"
     (fake_bin / "docker").write_text(f'#!/bin/sh\necho "$@" >> {docker_calls}\nexit 1\n')
     (fake_bin / "docker").chmod(0o755)
-    env = clean_env(CELERY_BROKER_URL=DEAD_BROKER,
+    env = environment(CELERY_BROKER_URL=DEAD_BROKER,
                     PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     run_dir, results = tmp_path / "run", tmp_path / "results.json"
     proc = start(["--run-dir", str(run_dir), "--json", str(results)], env, cwd=tmp_path)
@@ -108,13 +104,14 @@ def test_falls_back_to_the_embedded_stack_and_runs_every_demo(tmp_path):
 
 
 def test_make_demo_runs_every_demo_on_rabbitmq_and_redis_with_flower(rabbit_env, tmp_path):
-    """The README's quick-start command itself: `make demo`, with run_demo's options in ARGS."""
+    """The README's quick-start command itself: `make demo`, with run_demo's options in ARGS.
+    (Without RabbitMQ, the embedded fallback above runs every demo the same way.)"""
     run_dir, results = tmp_path / "run", tmp_path / "results.json"
     args = f"ARGS=--flower --run-dir {run_dir} --json {results}"
-    proc = start([args], clean_env(**rabbit_env), cwd=ROOT,
+    proc = start([args], environment(**rabbit_env), cwd=ROOT,
                  command=("make", "--no-print-directory", "demo"))
     output = check_full_run(proc, run_dir, results)
-    assert "services: using the configured broker amqp://guest:**@localhost:5672/celery-demo-" \
+    assert f"services: using the configured broker {stack.mask(rabbit_env['CELERY_BROKER_URL'])}" \
         in output
     assert "Flower: http://127.0.0.1:" in output and "not answering" not in output
     assert "cannot do" not in output  # RabbitMQ + Redis results can run every demo
@@ -125,7 +122,7 @@ def test_make_demo_runs_every_demo_on_rabbitmq_and_redis_with_flower(rabbit_env,
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupted_run_stops_everything_within_seconds(tmp_path, how):
     run_dir = tmp_path / "run"
-    proc = start(["--broker", "embedded", "--run-dir", str(run_dir)], clean_env(), cwd=tmp_path)
+    proc = start(["--broker", "embedded", "--run-dir", str(run_dir)], environment(), cwd=tmp_path)
     lines, demos_running = [], threading.Event()
 
     def read():
@@ -168,13 +165,30 @@ def fake_docker(tmp_path, compose_fails=False, running=()):
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls
 
 
-def test_docker_mode_starts_the_compose_services_and_stops_them(rabbit_env, tmp_path):
-    """`docker` is a stand-in here (no engine on CI); the services it 'starts' are RabbitMQ."""
+def test_docker_mode_starts_the_compose_services_waits_for_them_and_stops_them(stack_env,
+                                                                               tmp_path):
+    """`docker` is a stand-in here (no engine on CI). On RabbitMQ the broker refuses this run
+    until 2 s after `compose up` (no permission on its vhost yet, as a container still
+    starting), so run_demo must wait for the services as compose_up does."""
     path, calls = fake_docker(tmp_path)
+    grant = threading.Thread(target=lambda: None)
+    if stack_env.is_rabbit:
+        admin, vhost = stack_env.admin, stack_env.vhost
+        user = urlparse(stack_env["CELERY_BROKER_URL"]).username
+        admin.clear_permissions(vhost, user)
+
+        def grant_after_compose_up():
+            stack.eventually(lambda: calls.exists() and "compose up" in calls.read_text(),
+                             "`docker compose up`", 60, interval=0.05)
+            time.sleep(2)  # the "containers" start
+            admin.set_permissions(vhost, user)
+        grant = threading.Thread(target=grant_after_compose_up, daemon=True)
+    grant.start()
     run_dir = tmp_path / "run"
     proc = start(["--broker", "docker", "--only", "basic", "--run-dir", str(run_dir)],
-                 clean_env(PATH=path, **rabbit_env), cwd=tmp_path)
+                 environment(PATH=path, **stack_env), cwd=tmp_path)
     output = finish(proc, timeout=120)
+    grant.join(60)
     assert proc.returncode == 0, output[-3000:]
     assert calls.read_text().splitlines() == [
         "info", "compose ps --status running --services", "compose up -d rabbitmq redis",
@@ -185,10 +199,12 @@ def test_docker_mode_starts_the_compose_services_and_stops_them(rabbit_env, tmp_
 
 def test_docker_mode_reports_a_failing_compose_in_seconds(tmp_path):
     path, calls = fake_docker(tmp_path, compose_fails=True)
+    started = time.monotonic()
     proc = start(["--broker", "docker", "--run-dir", str(tmp_path / "run")],
-                 clean_env(PATH=path, CELERY_BROKER_URL=DEAD_BROKER), cwd=tmp_path)
+                 environment(PATH=path, CELERY_BROKER_URL=DEAD_BROKER), cwd=tmp_path)
     output = finish(proc, timeout=60)
     assert proc.returncode == 2, output
+    assert time.monotonic() - started < 20, "\"in seconds\": compose's error ends the run"
     assert "Error: port 5672 is already allocated" in output and "Traceback" not in output
     assert calls.read_text().splitlines()[-1] == "compose stop rabbitmq redis"
 
@@ -197,7 +213,7 @@ def test_docker_mode_leaves_running_what_it_did_not_start(tmp_path):
     """Services someone already runs with compose are used, and not stopped at the end."""
     path, calls = fake_docker(tmp_path, compose_fails=True, running=("redis",))
     proc = start(["--broker", "docker", "--run-dir", str(tmp_path / "run")],
-                 clean_env(PATH=path), cwd=tmp_path)
+                 environment(PATH=path), cwd=tmp_path)
     output = finish(proc, timeout=60)
     assert proc.returncode == 2, output
     assert "already running: redis" in output
