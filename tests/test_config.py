@@ -20,8 +20,8 @@ def test_python_m_celeryconfig_prints_the_config_with_the_password_masked():
 
 
 def test_python_m_celeryconfig_names_the_effective_pair_and_what_it_cannot_do():
-    out = run(["-m", "celeryconfig"], {"CELERY_BROKER_URL": "sqs://key:s3cret@127.0.0.1:4566",
-                                      "CELERY_RESULT_BACKEND": "rpc://"})
+    out = python("-m", "celeryconfig", env={"CELERY_BROKER_URL": "sqs://key:s3cret@127.0.0.1:4566",
+                                            "CELERY_RESULT_BACKEND": "rpc://"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == ("# broker: sqs (sqs://key:**@127.0.0.1:4566/); "
@@ -30,8 +30,8 @@ def test_python_m_celeryconfig_names_the_effective_pair_and_what_it_cannot_do():
         in out.stdout
     assert "#   cannot: remote_control: Amazon SQS has no fanout exchange" in out.stdout
     assert "'visibility_timeout': 3600" in out.stdout and "s3cret" not in out.stdout
-    plain = run(["-m", "celeryconfig"], {"CELERY_BROKER_URL": "redis://localhost:6379/0",
-                                        "CELERY_RESULT_BACKEND": "redis://localhost:6379/0"})
+    plain = python("-m", "celeryconfig", env={"CELERY_BROKER_URL": "redis://localhost:6379/0",
+                                              "CELERY_RESULT_BACKEND": "redis://localhost:6379/0"})
     assert "cannot" not in plain.stdout  # Redis + Redis runs every demo
     assert "'priority_steps': [0, 3, 6, 9]" in plain.stdout
 
