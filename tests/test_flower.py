@@ -90,6 +90,8 @@ def demo_in_flower(tmp_path_factory):
                           env=env, timeout=240)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             assert [d["name"] for d in json.loads(results.read_text())["demos"]] == list(DEMOS)
+            secured.offers = stack.offers_for(env["CELERY_BROKER_URL"],
+                                              env["CELERY_RESULT_BACKEND"])
             yield secured, bare, nodes
         finally:
             processes.stop_all()
@@ -142,9 +144,12 @@ def test_demo_tasks_appear_with_arguments_and_final_states(demo_in_flower):
 
 def test_every_demo_shows_its_tasks_in_a_final_state(demo_in_flower):
     flower, _, _ = demo_in_flower
+    offers = flower.offers
     assert set(DEMO_TASKS) == set(DEMOS) - NO_TASK, "a demo without its task in DEMO_TASKS"
     tasks = list(final_tasks(flower).values())
     for demo, (name, args, state) in DEMO_TASKS.items():
+        if demos.unsupported(demo, offers):  # the demo said so and sent nothing (e.g. FIFO)
+            continue
         found = [t for t in tasks if t["name"] == name and args in (None, t["args"])]
         assert found, f"the {demo} demo's {name}{args or ''} is not in Flower"
         assert state in {t["state"] for t in found}, f"{demo}: {[t['state'] for t in found]}"
