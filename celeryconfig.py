@@ -44,6 +44,12 @@ if broker_url.startswith("filesystem://"):
     import stack.embedded  # noqa: F401,E402
     broker_transport = "stack.embedded:FilesystemTransport"
 
+# file:// results: Celery's file backend, except that a result is never read half-written
+# (stack/embedded.py). The URL stays file://; only the class behind the scheme changes.
+if result_backend.startswith("file://"):
+    from celery.app import backends as _backends
+    _backends.BACKEND_ALIASES["file"] = "stack.embedded:AtomicFileBackend"
+
 # memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.
 if broker_url.startswith("memory://"):
     broker_transport_options = {"polling_interval": 0.05}

@@ -9,6 +9,7 @@ import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from celery.backends.filesystem import FilesystemBackend
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps, loads
@@ -76,6 +77,23 @@ class FilesystemTransport(filesystem.Transport):
 
 
 # --- In-process workers and beat: complete_demo.py and the tests ----------------------------
+class AtomicFileBackend(FilesystemBackend):
+    """Celery's file:// result backend, except that a reader never sees a result half-written.
+
+    Celery 5.7 rewrites a result file in place (open with "wb", then write): a client polling
+    the state in between reads an empty file, which means PENDING, so a task seemed to go
+    STARTED -> PENDING -> SUCCESS. Here the new content is written under a temporary name and
+    renamed over the old file, which is atomic. celeryconfig selects it for file:// URLs.
+    """
+
+    def set(self, key, value):
+        final = self._filename(key)  # bytes: Celery keeps paths and keys as bytes
+        part = final + f".{os.getpid()}.{uuid.uuid4().hex[:8]}.part".encode()
+        with self.open(part, "wb") as out:
+            out.write(value if isinstance(value, bytes) else value.encode())
+        os.replace(part, final)
+
+
 @contextmanager
 def in_process_workers(app, queues, beat=False, concurrency=4, run_dir=None):
     """Start real workers inside this process (threads pool), and beat if asked.

@@ -184,7 +184,9 @@ def test_sqs_has_no_flower_and_the_runs_queues_carry_its_prefix(runs):
 
 def test_run_demo_starts_and_stops_its_own_sqs_server(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["--broker", "sqs", "--only", "basic,canvas", "--run-dir", str(run_dir)],
+    # file:// results: the test needs nothing but what run_demo starts itself (no Redis)
+    proc = start(["--broker", "sqs", "--backend", "file", "--only", "basic,canvas",
+                  "--run-dir", str(run_dir)],
                  clean_env(), cwd=tmp_path)
     output = finish(proc, timeout=120)
     assert proc.returncode == 0, output[-3000:]
