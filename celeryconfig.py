@@ -24,6 +24,8 @@ from datetime import timedelta
 from celery.schedules import crontab
 from kombu import Exchange, Queue
 
+from stack.deadlines import on_connection_blocked
+
 broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/0")
 
@@ -58,8 +60,23 @@ if broker_url.startswith("memory://"):
 # confirms, a message the broker refuses (bigger than its max_message_size, 128 MiB) is dropped
 # silently and its task stays PENDING forever; with them apply_async raises PRECONDITION_FAILED.
 # The price: about twice the client CPU per message (benchmark.py: 157 vs 70 us per send).
+# The socket timeouts and the connection.blocked callback are explained in the section
+# "Timeouts and reconnection, by role" below.
 if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
-    broker_transport_options = {"confirm_publish": True}
+    broker_transport_options = {
+        "confirm_publish": True,
+        # py-amqp sets these as SO_RCVTIMEO / SO_SNDTIMEO on the broker socket: no read or
+        # write, including the wait for a publisher confirm and a channel/connection close,
+        # blocks longer. A healthy RabbitMQ answers in milliseconds; 6 s is far above that
+        # and well below every demo's deadline (10 s). Celery has no setting for kombu's
+        # per-publish confirm_timeout (apply_async(confirm_timeout=...) only), so the read
+        # timeout is what bounds the confirm wait: it is a socket read like any other.
+        "read_timeout": 6,
+        "write_timeout": 6,
+        # RabbitMQ's memory/disk alarm: raise at once instead of waiting for a confirm that
+        # cannot come (stack/deadlines.py says why and names the alarm).
+        "on_blocked": on_connection_blocked,
+    }
 
 # Redis as the broker. A message a worker has taken but not yet acknowledged goes back to the
 # queue after `visibility_timeout`: a late-ack task (tasks.slow_task) that runs longer than that,
@@ -137,28 +154,44 @@ task_send_sent_event = True        # shows tasks in Flower before any worker pic
 result_expires = 3600              # results are deleted after an hour; nobody reads them later
 result_extended = True             # store name/args with results, so Flower and inspect show them
 
-# --- Failing fast when a service is down ------------------------------------------------------
-broker_connection_timeout = 3                # seconds for one TCP connect to the broker
-broker_connection_retry_on_startup = True    # workers wait for a broker that is starting ...
-broker_connection_max_retries = 5            # ... but exit after ~30 s (2+4+6+8+10) of retries
+# --- Timeouts and reconnection, by role ------------------------------------------------------
+# Two kinds of process read this file, and they must behave oppositely when a service fails:
+# - a CLIENT (client.py, client_fixed.py, run_demo.py, benchmark.py, your web app: anything
+#   that sends tasks and reads results) must answer its user within a deadline, so every wait
+#   is bounded and a failure is an exception naming the service (stack/deadlines.py turns it
+#   into one line). Clients read the settings marked [client] (and the socket timeouts above).
+# - a WORKER or BEAT must wait for its broker as long as it takes, and serve again once it is
+#   back: a routine broker restart must not take the fleet down. Celery reads the settings
+#   marked [worker] only in the worker's consumer and in beat, never in a client, so this
+#   one file serves both roles without any switch.
+broker_connection_timeout = 3                # [both] seconds for one TCP connect + handshake
+broker_connection_retry_on_startup = True    # [worker] wait for a broker that is starting ...
+broker_connection_max_retries = None         # [worker] ... and for one that restarts, forever:
+# each attempt logs "Cannot connect to amqp://...: Trying again in N seconds... (k/None)";
+# kombu's backoff is 2 s, then 2 s longer each time, capped at 30 s. (It used to be 5: a
+# worker exited for good after ~30 s, so a 45 s broker restart stopped every worker.)
+broker_heartbeat = 10                        # [worker] AMQP heartbeat, in seconds. A worker
+# that hears nothing for two intervals (20 s, checked every 10/3 s) drops the connection and
+# reconnects; RabbitMQ closes the connection of a worker it has not heard from for two
+# intervals (a host that vanished: no FIN, no RST) within about 20-30 s, and redelivers the
+# unacknowledged late-ack tasks that worker held (docs/more-machines.md relies on this). The
+# cost: one small frame every 5 s per connection. The default, 120 s, would take 4-6 minutes.
 task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
-                             "interval_max": 1}  # a client with no broker fails in seconds
-redis_socket_connect_timeout = 3
-redis_socket_timeout = 30                    # longer than any single Redis round-trip
-result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+                             "interval_max": 1}  # [client] a client with no broker fails in seconds
+redis_socket_connect_timeout = 3             # [both] seconds to connect to Redis
+redis_socket_timeout = 5                     # [both] one Redis command: milliseconds when
+# healthy; 5 s means "Redis stopped answering" well within a demo's deadline (10 s). It used
+# to be 30 s: a frozen Redis turned a 10 s deadline into 30-40 s.
+redis_backend_health_check_interval = 10     # [both] PING a connection idle this long before
+# using it, so a connection that died quietly (Redis restarted) is replaced, not read from.
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}  # [both] total seconds
+# of reconnecting for one result write/read before giving up
+
 # PostgreSQL results (SQLAlchemy): tables celery_taskmeta/celery_tasksetmeta are created on first
 # use; a server that does not answer fails a connect within 3 s instead of the OS's minutes.
 if result_backend.startswith("db+postgresql"):
     database_engine_options = {"connect_args": {"connect_timeout": 3}, "pool_pre_ping": True}
 
-# --- Hosts that vanish (power loss, a cut cable: no FIN, no RST; docs/more-machines.md) ------
-# AMQP heartbeats: both ends send one every broker_heartbeat / 2 s and give up on a peer that
-# sent nothing for about two intervals. RabbitMQ then closes a vanished worker's connection and
-# hands its unacknowledged (late-ack) tasks to another worker; a worker whose broker vanished
-# notices the same way and starts reconnecting. Celery's default, 120 s, means minutes of a
-# held task; 10 s detects a vanished host in 20-30 s, for one small frame each 5 s per
-# connection. (Issue 9, branch `faults`, owns this setting: set here until it lands on main.)
-broker_heartbeat = 10
 # A Redis connection that an outage broke (the broker host was cut off, then came back) fails
 # on its next use with "Error 32 while writing to socket. Broken pipe": a task would fail in
 # the worker for nothing. One retry opens a new connection; a Redis that is really down still

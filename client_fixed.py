@@ -12,11 +12,14 @@ stack without any worker is reported in seconds, and the summary table and exit 
 what passed. A demo this broker or result backend cannot carry (chords on rpc://, inspect on
 SQS; see stack/capabilities.py) is reported "unsupported" with the reason, not run; the exit
 code is 0 when every supported demo passed.
+A service that fails in the middle of the run (a frozen broker or Redis,
+RabbitMQ blocking publishers) ends the run at once with one line naming it: exit code 2, as
+when it is down from the start. Ctrl-C and SIGTERM end it within seconds, also while it waits
+on a frozen socket; and it ends by --timeout plus a few seconds whatever the services do.
 """
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -60,14 +63,22 @@ def make_context():
         http_bind=os.environ.get("DEMO_HTTP_BIND", "127.0.0.1"))
 
 
-def run_all(ctx, names, timeout, outcomes):
-    """Run each demo within its own deadline and the whole run's; append to ``outcomes``."""
-    end = time.monotonic() + timeout
+def run_all(ctx, names, timeout, outcomes, guard):
+    """Run each demo within its own deadline and the whole run's; append to ``outcomes``.
+
+    Returns the first service fault (a line naming the service), after which no demo runs.
+    """
+    end, fault = time.monotonic() + timeout, ""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.fields[steps]}"))
     with Progress(*columns, console=console, transient=True) as progress:
         for name in names:
+            if guard.stopped:  # a signal whose KeyboardInterrupt a library's finally swallowed
+                raise KeyboardInterrupt
             left = end - time.monotonic()
+            if fault:
+                outcomes.append(demos.Outcome(name, "failed", 0.0, "not run: a service failed"))
+                continue
             if left < 1:
                 outcomes.append(demos.Outcome(name, "failed", 0.0, f"not run: the --timeout of "
                                               f"{timeout:.0f}s for the whole run was used up"))
@@ -81,6 +92,8 @@ def run_all(ctx, names, timeout, outcomes):
             console.print(LINE[outcome.status].format(name=name, seconds=outcome.seconds,
                                                       detail=escape(outcome.detail)))
             outcomes.append(outcome)
+            fault = outcome.fault
+    return fault
 
 
 LINE = {"passed": "[green]PASS[/] {name} ({seconds:.1f}s)",
@@ -120,10 +133,6 @@ def check_workers(app, offers):
     return None
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: summary first, then exit
-
-
 def main():
     args = parse_args()
     if args.list:
@@ -131,39 +140,57 @@ def main():
             print(f"{name:<11} {demos.describe(name)}")
         return 0
     broker, backend = tasks.app.conf.broker_url, tasks.app.conf.result_backend
+    # SIGTERM ends the run like Ctrl-C (summary first, then exit), also while blocked on a
+    # socket; and whatever a service does, the run ends a few seconds after --timeout.
+    guard = stack.ClientGuard(tasks.app, hard_deadline=args.timeout + 5).install()
+    errors = Console(stderr=True)
+    ctx = make_context()
     try:  # seconds, not a hang or a traceback, when nothing listens
         stack.check_broker(broker)
         stack.check_backend(backend)
+        problem = check_workers(tasks.app, ctx.offers)
     except stack.ServiceUnavailable as exc:
-        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
-        return 2
-    ctx = make_context()
-    problem = check_workers(tasks.app, ctx.offers)
+        errors.print(f"[red]error:[/] {escape(str(exc))}")
+        return leave(2)
+    except KeyboardInterrupt:
+        errors.print(f"[yellow]interrupted ({guard.stopped}) before the first demo[/]")
+        return leave(130)
+    except Exception as exc:  # the broker answered the check, then stopped answering
+        errors.print(f"[red]error:[/] {escape(stack.service_fault(exc, tasks.app) or repr(exc))}")
+        return leave(2)
     if problem:
-        Console(stderr=True).print(f"[red]error:[/] {escape(problem)}")
-        return 1
-    signal.signal(signal.SIGTERM, interrupt)
+        errors.print(f"[red]error:[/] {escape(problem)}")
+        return leave(1)
     console.print(f"broker {stack.mask(broker)}, results {stack.mask(backend)}: "
                   f"running {len(args.names)} demos")
-    outcomes, interrupted = [], False
+    outcomes, interrupted, fault = [], False, ""
     started = time.monotonic()
     try:
-        run_all(ctx, args.names, args.timeout, outcomes)
+        fault = run_all(ctx, args.names, args.timeout, outcomes, guard)
     except KeyboardInterrupt:
         interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches run_demo.py too, which
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # then stops us: finish the summary first
-        console.print("[yellow]interrupted: the summary shows the demos that finished[/]")
+    guard.disarm()  # Ctrl-C reaches run_demo.py too, which then stops us: summary first
+    if interrupted:
+        console.print(f"[yellow]interrupted ({guard.stopped}): the summary shows the demos "
+                      f"that finished[/]")
     show_summary(outcomes, ctx.notes)
+    if fault:
+        errors.print(f"[red]error:[/] {escape(fault)}")
     ok = not interrupted and len(outcomes) == len(args.names) and all(o.ok for o in outcomes)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"passed": ok, "interrupted": interrupted, "broker": stack.mask(broker),
                        "backend": stack.mask(backend), "stack": ctx.offers.name(),
                        "seconds": round(time.monotonic() - started, 2), "notes": ctx.notes,
-                       "summary": demos.count(outcomes),
+                       "summary": demos.count(outcomes), "fault": fault,
                        "demos": [o.as_dict() for o in outcomes]}, out, indent=2)
-    return 130 if interrupted else 0 if ok else 1
+    return leave(130 if interrupted else 2 if fault else 0 if ok else 1)
+
+
+def leave(code):
+    """Drop every connection without a goodbye: a frozen broker would never answer one."""
+    stack.abandon_connections(tasks.app)
+    return code
 
 
 if __name__ == "__main__":

@@ -426,6 +426,7 @@ class Outcome:
     status: str        # "passed", "failed" or "unsupported" (this stack cannot carry it)
     seconds: float
     detail: str
+    fault: str = ""  # set when a service (broker, result backend) failed: the run should stop
 
     @property
     def ok(self):
@@ -443,11 +444,13 @@ def run(ctx, name, deadline_s):
         return Outcome(name, "unsupported", 0.0, why)
     ctx.deadline = time.monotonic() + deadline_s
     started = time.monotonic()
+    fault = ""
     try:
         detail, status = DEMOS[name](ctx), "passed"
     except Exception as exc:  # a demo's failure is reported, and the next demo still runs
-        detail, status = f"{exc.__class__.__name__}: {exc}", "failed"
-    return Outcome(name, status, round(time.monotonic() - started, 2), detail)
+        fault = stack.service_fault(exc, ctx.app) or ""  # ... unless a service stopped answering
+        detail, status = fault or f"{exc.__class__.__name__}: {exc}", "failed"
+    return Outcome(name, status, round(time.monotonic() - started, 2), detail, fault)
 
 
 def count(outcomes):

@@ -13,6 +13,8 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
     hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
     brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
+    faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
+    deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
@@ -25,3 +27,5 @@ from .compose import *  # noqa: F401,F403
 from .localsqs import *  # noqa: F401,F403
 from .testing import *  # noqa: F401,F403
 from .flaky import *  # noqa: F401,F403
+from .faults import *  # noqa: F401,F403
+from .deadlines import *  # noqa: F401,F403
