@@ -188,8 +188,11 @@ def main():
 
 
 def leave(code):
-    """Drop every connection without a goodbye: a frozen broker would never answer one."""
+    """0 and 1 end normally; after a fault or a signal, leave without any goodbye to the
+    services (a frozen broker or Redis never answers one: stack/deadlines.py)."""
     stack.abandon_connections(tasks.app)
+    if code not in (0, 1):
+        stack.exit_now(code)
     return code
 
 

@@ -242,7 +242,9 @@ def stop(started, interrupted):
             client.wait(timeout=5)
     if processes:
         say(f"stopping {len(processes.started)} processes")
-        processes.stop_all(grace=8 if interrupted else 15)
+        # Interrupted: the user wants out now, and a worker whose broker froze cannot finish a
+        # warm shutdown anyway; late-ack tasks go back to the queue when SIGKILL ends it.
+        processes.stop_all(grace=3 if interrupted else 15)
     services = started.get("services")  # after the workers, which talk to them until the end
     if services:
         say(f"stopping {', '.join(name for name, _, _ in services.started)}")

@@ -9,9 +9,11 @@ socket). The timeouts themselves are settings, in celeryconfig.py ("timeouts and
 by role"); this module only reacts when one of them fires.
 """
 import json
+import os
 import signal
 import socket
 import time
+import sys
 import urllib.request
 from base64 import b64encode
 from urllib.parse import urlparse
@@ -19,7 +21,7 @@ from urllib.parse import urlparse
 from kombu.utils.url import maybe_sanitize_url
 
 __all__ = ["PublishersBlocked", "on_connection_blocked", "rabbitmq_alarms", "service_fault",
-           "abandon_connections", "ClientGuard"]
+           "abandon_connections", "exit_now", "ClientGuard"]
 
 
 class PublishersBlocked(RuntimeError):
@@ -106,6 +108,22 @@ def abandon_connections(app):
         app.backend.client.connection_pool.disconnect()
     except Exception:  # noqa: BLE001 - not Redis, or nothing connected yet
         pass
+
+
+def exit_now(code):
+    """End the process at once with ``code``, after a fault or a signal.
+
+    A normal exit runs clean-up that talks to the services: AsyncResult.__del__ unsubscribes
+    from Redis, kombu closes channels politely. With a frozen service each of those waits for
+    a timeout (or fails with "Exception ignored ... Python is likely shutting down"), so after
+    a fault we flush our output and leave without it; the sockets close with the process.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 class ClientGuard:

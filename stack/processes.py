@@ -130,7 +130,7 @@ class Processes:
         A member killed a moment ago may still be a zombie, waiting to be reaped by PID 1:
         it runs nothing any more, so it does not count (kill(0) alone would say it does).
         """
-        return [name for name, proc, _ in self.started if _group_alive(proc.pid)]
+        return [name for name, proc, _ in self.started if group_alive(proc.pid)]
 
     def log_tail(self, name, lines=20):
         return tail(self.run_dir / f"{name}.log", lines)
@@ -162,7 +162,7 @@ class Processes:
                 pass
 
 
-def _group_alive(pgid):
+def group_alive(pgid):
     """True while a process of group ``pgid`` is alive (not a zombie)."""
     try:
         os.killpg(pgid, 0)  # signal 0: only asks whether the group exists
