@@ -12,7 +12,9 @@ Every wait below has a timeout, and that is the first lesson. This file is the p
 - RabbitMQ drops a message whose ``expires`` passed before a worker got it: PENDING forever;
 - with the ``rpc://`` result backend, PROGRESS states are lost after an earlier ``.get()`` in
   the same process and chords do not work: this demo keeps results in Redis (or files);
-- a client with no broker would retry for a while: both scripts check it first and say so.
+- a client with no broker would retry for a while: both scripts check it first and say so;
+- a broker or Redis can also stop answering in the middle of a run: the socket timeouts in
+  celeryconfig.py turn that into an error that names the service, in seconds.
 """
 import os
 import sys
@@ -26,6 +28,7 @@ import tasks
 from stack import FlakyServer  # a local HTTP server that answers 503 twice, then 200
 
 TIMEOUT = 10  # seconds; no wait in this file is longer
+HARD_DEADLINE = 150  # seconds for the whole walk (about 15 s when all is well)
 
 
 def step(title):
@@ -104,6 +107,9 @@ def walk_through():
 
 
 def main():
+    # Ctrl-C and SIGTERM work even while a call waits on a frozen socket, and no run of this
+    # file lasts longer than HARD_DEADLINE, whatever the broker or Redis do (stack/deadlines.py)
+    guard = stack.ClientGuard(tasks.app, hard_deadline=HARD_DEADLINE).install()
     try:  # fail in seconds, with the URL and a hint, when there is nothing to talk to
         stack.check_broker(tasks.app.conf.broker_url)
         stack.check_backend(tasks.app.conf.result_backend)
@@ -117,6 +123,15 @@ def main():
               "`python client_fixed.py` says which queue has none.", file=sys.stderr)
         stack.forget_pending_results(tasks.app)  # the task may still run; we stop waiting
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted ({guard.stopped})", file=sys.stderr)
+        stack.exit_now(130)  # no goodbye to a service that may be frozen
+    except Exception as exc:  # a broker or Redis that fails mid-run: one line, no traceback
+        fault = stack.service_fault(exc, tasks.app)
+        if fault is None:
+            raise
+        print(f"\nerror: {fault}", file=sys.stderr)
+        stack.exit_now(2)
     print("\nDone: every step finished.")
     return 0
 

@@ -200,7 +200,7 @@ ALARMS = {
 
 
 @pytest.mark.parametrize("alarm", ALARMS)
-def test_rabbitmq_blocking_publishers_is_named_and_the_stack_works_again(
+def test_a_rabbitmq_alarm_blocking_publishers_is_named_and_the_stack_works_again(
         rabbit_env, tmp_path, alarm):
     read, setter, trigger = ALARMS[alarm]
     env = clean_env(**rabbit_env)
