@@ -48,6 +48,13 @@ def refuse_to_start_without_result_backend(sender, **kwargs):
         raise SystemExit(f"cannot reach the result backend at {maybe_sanitize_url(url)}: {exc}")
 
 
+@worker_init.connect
+def keep_the_event_loop_free(sender, **kwargs):
+    """A worker must notice a dead broker connection: see stack.deadlines.bound_event_retries."""
+    from stack.deadlines import bound_event_retries  # a workaround for a Celery gap
+    bound_event_retries()
+
+
 # --- Basics ---------------------------------------------------------------------------------
 @app.task(name="tasks.add")
 def add(x, y):

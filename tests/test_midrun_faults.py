@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import HOST, ROOT, start_worker
+from conftest import HOST, ROOT, WORKER_FLAGS, client_app, start_worker
 
 import stack
 
@@ -273,3 +273,46 @@ def test_hand_started_workers_and_beat_outlive_a_broker_restart(rabbit_env, tmp_
         app.close()
         procs.stop_all(grace=10)
         assert procs.still_running() == []
+
+
+# --- Heartbeats: a worker whose broker connection went silent --------------------------------
+def test_a_silent_worker_connection_is_dropped_and_its_late_ack_task_redelivered(
+        rabbit_env, tmp_path):
+    """broker_heartbeat = 10: RabbitMQ closes a connection it has not heard from for two
+    intervals, as when a worker's host vanishes (no FIN, no RST), and gives its unacknowledged
+    late-ack task to another worker; the silent worker notices by itself and reconnects."""
+    with stack.FaultProxy("127.0.0.1", 5672) as broker:
+        env = clean_env(**rabbit_env)
+        procs = stack.Processes(tmp_path / "run", env)
+        app = client_app(rabbit_env)
+        try:
+            procs.celery("behind", "worker", "-Q", "slow_queue", "-n", "behind@%h", "-c", "1",
+                         *WORKER_FLAGS,
+                         env={"CELERY_BROKER_URL": broker.rewrite(env["CELERY_BROKER_URL"])})
+            stack.wait_for_workers(app, [f"behind@{HOST}"], 60, procs)
+            result = app.send_task("tasks.slow_task", (120, 0.5), queue="slow_queue")
+            stack.eventually(lambda: result.state == "PROGRESS", "slow_task running", 30)
+            start_worker(procs, "rescuer", "slow_queue", "-c", "1")
+            stack.wait_for_workers(app, [f"rescuer@{HOST}"], 60, procs)
+            broker.freeze()  # the host of "behind" vanishes, as far as RabbitMQ can tell
+            frozen = time.monotonic()
+
+            def redelivered():
+                active = app.control.inspect(timeout=1, destination=[f"rescuer@{HOST}"]).active()
+                return any(t["id"] == result.id for t in (active or {}).get(f"rescuer@{HOST}", []))
+            stack.eventually(redelivered, "the task redelivered to rescuer", 30 + GRACE)
+            redelivered_in = time.monotonic() - frozen
+            log = procs.run_dir / "behind.log"
+            # 2 x 10 s of silence, plus the event loop's stalls on the frozen event connection
+            # (each reconnect attempt waits for broker_connection_timeout): about 40 s here
+            stack.eventually(lambda: "Too many heartbeats missed" in log.read_text(errors="replace"),
+                             "behind noticing its dead connection", 45 + GRACE)
+            noticed_in = time.monotonic() - frozen
+            result.revoke(terminate=True)
+            print(f"\nheartbeat 10 s: RabbitMQ redelivered the late-ack task {redelivered_in:.1f}s "
+                  f"after the worker went silent; the worker noticed within {noticed_in:.1f}s")
+        finally:
+            broker.forward()
+            app.close()
+            procs.stop_all(grace=10)
+            assert procs.still_running() == []
