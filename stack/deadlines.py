@@ -29,7 +29,7 @@ class PublishersBlocked(RuntimeError):
     """RabbitMQ sent connection.blocked: it accepts no message until its alarm clears."""
 
 
-def on_connection_blocked(reason):
+class _OnBlocked:
     """py-amqp's ``on_blocked`` callback (broker_transport_options in celeryconfig).
 
     RabbitMQ stops reading from every publishing connection while a memory or disk alarm is
@@ -38,8 +38,21 @@ def on_connection_blocked(reason):
     Raising here ends that publish at once with the cause (not a retryable connection error:
     retrying cannot help until someone frees memory or disk). py-amqp drops the reason text
     RabbitMQ sends, so ``service_fault`` asks the management API which alarm it is.
+
+    An object rather than a function because `celery inspect stats` sends the transport
+    options as JSON: kombu's encoder calls ``__json__``.
     """
-    raise PublishersBlocked(f"RabbitMQ is blocking publishers ({reason})")
+
+    def __call__(self, reason):
+        raise PublishersBlocked(f"RabbitMQ is blocking publishers ({reason})")
+
+    def __json__(self):
+        return "stack.deadlines.on_connection_blocked"
+
+    __repr__ = __json__
+
+
+on_connection_blocked = _OnBlocked()
 
 
 def rabbitmq_alarms(broker_url, timeout=2.0):
