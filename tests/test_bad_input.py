@@ -61,7 +61,7 @@ def served(tmp_path_factory, request):
 
 @pytest.fixture(scope="module", autouse=True)
 def worker_with_unresolvable_broker(tmp_path_factory):
-    """Started when the module starts: its retries (about 30 s) overlap the other tests."""
+    """Started when the module starts: its first retries (6 s) overlap the other tests."""
     with worker_without(tmp_path_factory.mktemp("unresolvable"), "unresolvable",
                         UNRESOLVABLE) as worker:
         yield worker
@@ -214,12 +214,14 @@ def test_an_unresolvable_broker_host_fails_in_seconds(stack_env,
     assert "kombu.exceptions.OperationalError" in proc.stderr  # the resolver's words vary
     assert proc.seconds < 30, f"{proc.seconds:.1f}s"
 
-    worker, log, exited_in = worker_with_unresolvable_broker
+    worker, log, _ = worker_with_unresolvable_broker
     assert wait_for_log(log, "Cannot connect to amqp://guest:**@nonexistent.invalid:5672//", 15)
-    code = worker.wait(timeout=120)  # broker_connection_max_retries=5: about 30 s
-    assert code != 0 and "Unrecoverable error: OperationalError" in log.read_text()
+    # A worker waits for its broker for ever (celeryconfig: broker_connection_max_retries = None),
+    # a name that does not resolve included: DNS may come back too. One log line per attempt.
+    assert wait_for_log(log, "Trying again in 4.00 seconds... (2/None)", 30)
+    assert worker.poll() is None and "Unrecoverable error" not in log.read_text()
     print(f"\nnonexistent.invalid: client OperationalError in {proc.seconds:.1f}s; "
-          f"worker exit code {code} after {exited_in():.1f}s")
+          f"the worker keeps retrying, one log line per attempt")
 
 
 # --- Security ---------------------------------------------------------------------------------
