@@ -160,6 +160,11 @@ class Processes:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # A process killed a moment ago may still be exiting: give the groups time to empty
+        groups = {proc.pid for _, proc, _ in started}
+        deadline = time.monotonic() + 5
+        while groups & live_process_groups() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def group_alive(pgid):
