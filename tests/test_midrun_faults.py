@@ -261,6 +261,8 @@ def test_hand_started_workers_and_beat_outlive_a_broker_restart(rabbit_env, tmp_
             stack.rabbitmqctl("await_startup", timeout=120)
         away = time.monotonic() - stopped
         assert procs.exited() == [], procs.exited()  # nobody gave up
+        app.close()  # this test's own client: its pooled connection died with the broker
+        app = _client(env)
         stack.wait_for_workers(app, [f"slow@{HOST}", f"default@{HOST}"], 60, procs)
         back = time.monotonic() - stopped - away
         log = (procs.run_dir / "worker-slow.log").read_text(errors="replace")
