@@ -163,7 +163,7 @@ class Processes:
         # A process killed a moment ago may still be exiting: give the groups time to empty
         groups = {proc.pid for _, proc, _ in started}
         deadline = time.monotonic() + 5
-        while groups & live_process_groups() and time.monotonic() < deadline:
+        while any(group_alive(pid) for pid in groups) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
