@@ -74,8 +74,10 @@ def rabbitmq_alarms(broker_url, timeout=2.0):
 
 
 def _is_backend_error(exc):
+    from celery.exceptions import BackendError  # what result_backend_always_retry raises
     module = type(exc).__module__ or ""
-    return module.startswith("redis") or "result store" in str(exc)
+    return (isinstance(exc, BackendError) or module.startswith("redis")
+            or "result store" in str(exc))
 
 
 def service_fault(exc, app):
