@@ -180,8 +180,9 @@ task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_st
                              "interval_max": 1}  # [client] a client with no broker fails in seconds
 redis_socket_connect_timeout = 3             # [both] seconds to connect to Redis
 redis_socket_timeout = 5                     # [both] one Redis command: milliseconds when
-# healthy; 5 s means "Redis stopped answering" well within a demo's deadline (10 s). It used
-# to be 30 s: a frozen Redis turned a 10 s deadline into 30-40 s.
+# healthy; 5 s means "Redis stopped answering" (10 s with the one retry of
+# result_backend_always_retry below). It used to be 30 s: a frozen Redis turned a 10 s
+# deadline into 30-40 s.
 redis_backend_health_check_interval = 10     # [both] PING a connection idle this long before
 # using it, so a connection that died quietly (Redis restarted) is replaced, not read from.
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}  # [both] total seconds
