@@ -236,6 +236,15 @@ def test_a_rabbitmq_alarm_blocking_publishers_is_named_and_the_stack_works_again
         assert procs.still_running() == []
 
 
+def _answering(env):
+    """Node names that answer a ping, asked over a new connection."""
+    app = _client(env)
+    try:
+        return {name for reply in app.control.ping(timeout=1) or [] for name in reply}
+    finally:
+        app.close()
+
+
 def _client(env):
     from celery import Celery
     return Celery(broker=env["CELERY_BROKER_URL"], set_as_current=False)
@@ -261,9 +270,10 @@ def test_hand_started_workers_and_beat_outlive_a_broker_restart(rabbit_env, tmp_
             stack.rabbitmqctl("await_startup", timeout=120)
         away = time.monotonic() - stopped
         assert procs.exited() == [], procs.exited()  # nobody gave up
-        app.close()  # this test's own client: its pooled connection died with the broker
-        app = _client(env)
-        stack.wait_for_workers(app, [f"slow@{HOST}", f"default@{HOST}"], 60, procs)
+        nodes = {f"slow@{HOST}", f"default@{HOST}"}
+        # a fresh client each time: RabbitMQ may still reset connections just after start_app
+        stack.eventually(lambda: nodes <= _answering(env), "both workers answering again", 60,
+                         interval=1, ignore=(Exception,))
         back = time.monotonic() - stopped - away
         log = (procs.run_dir / "worker-slow.log").read_text(errors="replace")
         assert "Trying again in" in log and "(5/None)" in log, log[-3000:]  # a line per attempt
