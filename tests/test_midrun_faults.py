@@ -147,7 +147,7 @@ def test_a_service_frozen_while_idle_is_named_in_seconds(proxied, service):
 def test_a_signal_ends_the_client_while_it_waits_on_a_frozen_broker(proxied, sig, tmp_path):
     env, proxies, _ = proxied
     results = tmp_path / "results.json"
-    client = Script("client_fixed.py", "--only", "basic,workflow,canvas", "--timeout", "120",
+    client = Script("client_fixed.py", "--only", "progress,workflow,canvas", "--timeout", "120",
                     "--json", str(results), env=env)
     client.wait_for("running 3 demos")
     proxies["broker"].freeze()
@@ -171,9 +171,9 @@ def test_run_demo_stops_everything_on_sigterm_while_the_broker_is_frozen(rabbit_
                            "CELERY_BROKER_URL": broker.rewrite(rabbit_env["CELERY_BROKER_URL"])})
         run_dir = tmp_path / "run"
         job = Script("run_demo.py", "--broker", "rabbitmq", "--run-dir", str(run_dir),
-                     "--only", "basic,workflow,canvas", "--timeout", "120", env=env)
+                     "--only", "progress,workflow,canvas", "--timeout", "120", env=env)
         job.wait_for("running 3 demos", timeout=90)
-        broker.freeze()
+        broker.freeze()  # progress (1.5 s of steps) is in flight: blocked from here on
         time.sleep(2)
         os.killpg(job.proc.pid, signal.SIGTERM)
         signalled = time.monotonic()
