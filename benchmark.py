@@ -156,8 +156,7 @@ def rounds(run, args, cases, latency_cases, cold_cases, console, broker, backend
         except Exception as exc:  # one broken case must not hide the others ...
             error = f"{type(exc).__name__}: {exc}"
             try:  # ... unless the broker or the result backend is the reason
-                stack.check_broker(broker)
-                stack.check_backend(backend)
+                stack.check_services(broker, backend)
             except stack.ServiceUnavailable as down:
                 raise Stalled(f"{error}; {down}") from None
             return None, error

@@ -111,8 +111,7 @@ def main():
     # file lasts longer than HARD_DEADLINE, whatever the broker or Redis do (stack/deadlines.py)
     guard = stack.ClientGuard(tasks.app, hard_deadline=HARD_DEADLINE).install()
     try:  # fail in seconds, with the URL and a hint, when there is nothing to talk to
-        stack.check_broker(tasks.app.conf.broker_url)
-        stack.check_backend(tasks.app.conf.result_backend)
+        stack.check_services(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
     except stack.ServiceUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -146,8 +146,7 @@ def main():
     errors = Console(stderr=True)
     ctx = make_context()
     try:  # seconds, not a hang or a traceback, when nothing listens
-        stack.check_broker(broker)
-        stack.check_backend(backend)
+        stack.check_services(broker, backend)
         problem = check_workers(tasks.app, ctx.offers)
     except stack.ServiceUnavailable as exc:
         errors.print(f"[red]error:[/] {escape(str(exc))}")

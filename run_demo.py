@@ -79,8 +79,8 @@ def choose_services(args, run_dir, started):
         if kind == "file":
             (run_dir / "results").mkdir(exist_ok=True)
     if args.broker not in ("auto", "docker") or args.backend != "auto":
-        stack.check_broker(env["CELERY_BROKER_URL"])  # ServiceUnavailable: the URL, how to fix it
-        stack.check_backend(env["CELERY_RESULT_BACKEND"])
+        # ServiceUnavailable / MissingDriver: the URL and how to fix it
+        stack.check_services(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
         say(f"services: broker {stack.mask(env['CELERY_BROKER_URL'])} and result backend "
             f"{stack.mask(env['CELERY_RESULT_BACKEND'])} (both answer)")
     return env

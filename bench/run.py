@@ -121,8 +121,7 @@ def isolate(broker_name, cleanup, token):
         os.environ["CELERY_BROKER_URL"] = choose_broker(broker_name)
     broker = os.environ["CELERY_BROKER_URL"]
     backend = os.environ.setdefault("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
-    stack.check_broker(broker)
-    stack.check_backend(backend)
+    stack.check_services(broker, backend)
     where = {"queue": f"bench-{token}", "vhost": None, "redis_prefix": None,
              "broker_prefix": None, "token": token}
     if broker.startswith(("amqp://", "pyamqp://")) and stack.rabbitmqctl_usable():

@@ -1,7 +1,7 @@
 """Find and check brokers and result backends: masked URLs, one clear error when one is down.
 
 Owns: the default URLs, ServiceUnavailable and MissingDriver, check_driver / check_broker (with
-login_refused: the fix for a refused login) / check_backend / reachable, and
+login_refused: the fix for a refused login) / check_backend / check_services / reachable, and
 forget_pending_results (a client's clean exit from a Redis result backend).
 """
 import importlib
@@ -163,10 +163,18 @@ def check_database(url, timeout=3.0):
         engine.dispose()
 
 
+def check_services(broker, backend, timeout=3.0):
+    """check_broker and check_backend, but both drivers first: a missing package is named
+    even when the other service is down too (it is the one thing the user must fix here)."""
+    check_driver(broker, "broker")
+    check_driver(backend, "result backend")
+    check_broker(broker, timeout)
+    check_backend(backend, timeout)
+
+
 def reachable(broker, backend, timeout=2.0):
     try:
-        check_broker(broker, timeout)
-        check_backend(backend, timeout)
+        check_services(broker, backend, timeout)
         return True
     except ServiceUnavailable:
         return False
