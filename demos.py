@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from celery import chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.states import PROPAGATE_STATES
 
 import stack
 import tasks
@@ -111,10 +112,18 @@ def why_pending(app, queue, offers=None):
 
 
 def wait(ctx, result, queue, timeout=None, propagate=True):
-    """``result.get`` with a deadline; a task still PENDING at the deadline is diagnosed."""
+    """``result.get`` with a deadline; a task still PENDING at the deadline is diagnosed.
+
+    A task that failed in the worker raises DemoFailed naming its exception, not the exception
+    itself: a task's requests.ConnectionError (an OSError) must not read as a broker fault.
+    """
     limit = min(timeout or ctx.remaining(), ctx.remaining())
     try:
-        return result.get(timeout=limit, propagate=propagate, interval=0.05)
+        value = result.get(timeout=limit, propagate=False, interval=0.05)
+        # state comes from the result get() just cached: no second round trip
+        if propagate and result.state in PROPAGATE_STATES:
+            raise DemoFailed(f"the task failed in the worker: {type(value).__name__}: {value}")
+        return value
     except CeleryTimeout:
         # Stop waiting for it now: Redis results stay subscribed until the task ends, and
         # unsubscribing at interpreter exit fails ("Exception ignored in AsyncResult.__del__")

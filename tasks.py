@@ -49,10 +49,12 @@ def refuse_to_start_without_result_backend(sender, **kwargs):
 
 
 @worker_init.connect
-def keep_the_event_loop_free(sender, **kwargs):
-    """A worker must notice a dead broker connection: see stack.deadlines.bound_event_retries."""
-    from stack.deadlines import bound_event_retries  # a workaround for a Celery gap
+def work_around_celery_gaps(sender, **kwargs):
+    """A worker must notice a dead broker connection and survive reconnecting to it: two
+    Celery 5.7 bugs, worked around in stack/celery_gaps.py (each names its upstream issue)."""
+    from stack.celery_gaps import bound_event_retries, track_only_live_children
     bound_event_retries()
+    track_only_live_children()
 
 
 # --- Basics ---------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ ClientGuard (Ctrl-C, SIGTERM and a hard deadline end a client even while it is b
 socket). The timeouts themselves are settings, in celeryconfig.py ("timeouts and reconnection,
 by role"); this module only reacts when one of them fires.
 """
-import functools
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from urllib.parse import urlparse
 from kombu.utils.url import maybe_sanitize_url
 
 __all__ = ["PublishersBlocked", "on_connection_blocked", "rabbitmq_alarms", "service_fault",
-           "abandon_connections", "exit_now", "ClientGuard", "bound_event_retries"]
+           "abandon_connections", "exit_now", "ClientGuard"]
 
 
 class PublishersBlocked(RuntimeError):
@@ -177,33 +176,3 @@ class ClientGuard:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-
-
-# --- Workers: a Celery gap -----------------------------------------------------------------------
-EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 1,
-                      "interval_max": 1}
-
-
-def bound_event_retries():
-    """Give the events a worker sends with retry=True a bounded retry policy.
-
-    Celery gap: the worker's event heartbeat (``-E``, every 2 s) publishes with retry=True and
-    no retry policy (added in celery/celery#4804 for celery/celery#4758), so kombu reconnects
-    for ever *inside the worker's event loop* while the broker is frozen. The loop then never
-    runs its AMQP heartbeat check, and the worker never notices its dead connection (measured:
-    still stuck after 60 s). With one quick retry the loop stays free; the event connection is
-    rebuilt anyway when the consumer reconnects. Called from tasks.py at worker_init.
-    """
-    from celery.events.dispatcher import EventDispatcher
-    send = EventDispatcher.send
-    if getattr(send, "bounded", False):
-        return
-
-    @functools.wraps(send)
-    def bounded_send(self, type, *args, retry=False, retry_policy=None, **fields):
-        if retry and retry_policy is None:
-            retry_policy = EVENT_RETRY_POLICY
-        return send(self, type, *args, retry=retry, retry_policy=retry_policy, **fields)
-
-    bounded_send.bounded = True
-    EventDispatcher.send = bounded_send

@@ -211,6 +211,9 @@ def test_the_retry_demo_reaches_the_flaky_server_from_a_worker_on_another_host(c
     code, report, output = cluster.run_demos(
         "--only", "retry", env={"DEMO_HTTP_HOST": "127.0.0.1", "DEMO_HTTP_BIND": "127.0.0.1"})
     assert code == 1 and not report["passed"], output
+    detail = report["demos"][0]["detail"]  # the task's own failure, not blamed on the broker
+    assert "the task failed in the worker: ConnectionError" in detail, detail
+    assert "stopped answering" not in detail, detail
 
 
 # --- A worker host vanishes in the middle of a late-ack task -------------------------------------

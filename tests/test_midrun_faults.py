@@ -59,7 +59,7 @@ class Script:
             code = self.proc.wait(timeout=max(0.1, self.started + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.proc.wait(timeout=10)  # SIGKILL cannot be ignored: this ends at once
             pytest.fail(f"still running after {timeout:.0f}s:\n{self.output[-3000:]}")
         time.sleep(0.3)  # the reader thread gets the last lines
         return code, time.monotonic() - self.started

@@ -1,0 +1,63 @@
+"""Workarounds for two gaps in Celery 5.7's worker, each in one function, each with its issue.
+
+Both are installed from tasks.py at worker_init (a worker's start), and only there: clients
+never load them. Remove each when the Celery release that fixes it is pinned.
+"""
+import functools
+
+__all__ = ["bound_event_retries", "track_only_live_children"]
+
+# One quick retry for an event the worker sends: see bound_event_retries
+EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 1,
+                      "interval_max": 1}
+
+
+def bound_event_retries():
+    """Give the events a worker sends with retry=True a bounded retry policy.
+
+    Celery gap: the worker's event heartbeat (``-E``, every 2 s) publishes with retry=True and
+    no retry policy (added in celery/celery#4804 for celery/celery#4758), so kombu reconnects
+    for ever *inside the worker's event loop* while the broker is frozen. The loop then never
+    runs its AMQP heartbeat check, and the worker never notices its dead connection (measured:
+    still stuck after 60 s). With one quick retry the loop stays free; the event connection is
+    rebuilt anyway when the consumer reconnects. Called from tasks.py at worker_init.
+    """
+    from celery.events.dispatcher import EventDispatcher
+    send = EventDispatcher.send
+    if getattr(send, "bounded", False):
+        return
+
+    @functools.wraps(send)
+    def bounded_send(self, type, *args, retry=False, retry_policy=None, **fields):
+        if retry and retry_policy is None:
+            retry_policy = EVENT_RETRY_POLICY
+        return send(self, type, *args, retry=retry, retry_policy=retry_policy, **fields)
+
+    bounded_send.bounded = True
+    EventDispatcher.send = bounded_send
+
+
+def track_only_live_children():
+    """Let a prefork worker reconnect after a child process it no longer tracks has exited.
+
+    Celery gap (a sibling of celery/celery#9250, whose fix, celery/celery#10318, catches
+    AttributeError only): when a pool child exits, AsynPool untracks it by setting its
+    ``_sentinel_poll`` to None. If the consumer restarts (a lost broker connection) before the
+    pool has dropped that child, ``register_with_event_loop`` tracks it again, hands None to
+    the hub, and the worker stops with ``ValueError: file descriptor is None`` instead of
+    reconnecting (seen in tests/test_hosts.py: a worker whose host was cut twice). A child
+    that was untracked has exited: there is nothing to track, so skip it.
+    """
+    from celery.concurrency.asynpool import AsynPool
+    track = AsynPool._track_child_process
+    if getattr(track, "skips_untracked", False):
+        return
+
+    @functools.wraps(track)
+    def track_live(self, proc, hub):
+        if getattr(proc, "_sentinel_poll", 0) is None:  # untracked: the child has exited
+            return
+        return track(self, proc, hub)
+
+    track_live.skips_untracked = True
+    AsynPool._track_child_process = track_live
