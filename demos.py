@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from celery import chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
 from celery.states import PROPAGATE_STATES
 
 import stack
@@ -119,6 +120,8 @@ def wait(ctx, result, queue, timeout=None, propagate=True):
     """
     limit = min(timeout or ctx.remaining(), ctx.remaining())
     try:
+        if not isinstance(result, AsyncResult):  # a group's GroupResult has no single state
+            return result.get(timeout=limit, propagate=propagate, interval=0.05)
         value = result.get(timeout=limit, propagate=False, interval=0.05)
         # state comes from the result get() just cached: no second round trip
         if propagate and result.state in PROPAGATE_STATES:
