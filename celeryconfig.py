@@ -115,24 +115,43 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 # --- Queues and routes ----------------------------------------------------------------------
-# Declared explicitly (not auto-created) so that every queue has a priority range on RabbitMQ.
-# RabbitMQ refuses to redeclare an existing queue with other arguments (PRECONDITION_FAILED):
-# see docs/troubleshooting.md if you ran an older version of this demo.
+# Every queue but one is declared exactly as Celery declares a queue it has never heard of
+# (a direct exchange of the queue's name, no arguments), so any client with Celery's default
+# settings, or a client in another language, can declare it too and call these workers
+# (docs/other-applications.md). RabbitMQ refuses to redeclare a queue with other arguments
+# (PRECONDITION_FAILED): the one queue with arguments, priority_queue, is ours alone, and
+# docs/troubleshooting.md says what to do about a queue an older version of this demo declared.
+#
+# CELERY_QUEUE_TYPE=quorum declares every queue as a quorum queue (replicated over a RabbitMQ
+# cluster, docs/cluster.md). Quorum queues on RabbitMQ 3.x have no priorities, and Celery's
+# native delayed delivery (countdown, ETA, retry on quorum queues) routes through topic
+# exchanges only, so that mode uses topic exchanges. Every client of a quorum-queue broker must
+# declare the same: the queue type is a declare-time argument, like x-max-priority.
+QUEUE_TYPE = os.environ.get("CELERY_QUEUE_TYPE", "classic")
+if QUEUE_TYPE not in ("classic", "quorum"):
+    raise SystemExit(f"CELERY_QUEUE_TYPE must be 'classic' or 'quorum', not {QUEUE_TYPE!r}")
 MAX_PRIORITY = 10
-QUEUE_NAMES = ("celery", "fast_queue", "slow_queue", "network_queue")
-task_queues = tuple(
-    Queue(name, Exchange(name, type="direct"), routing_key=name,
-          queue_arguments={"x-max-priority": MAX_PRIORITY})
-    for name in QUEUE_NAMES
-)
+QUEUE_NAMES = ("celery", "fast_queue", "slow_queue", "network_queue", "priority_queue")
+
+
+def _queue(name):
+    if QUEUE_TYPE == "quorum":
+        return Queue(name, Exchange(name, type="topic"), routing_key=name,
+                     queue_arguments={"x-queue-type": "quorum"})
+    arguments = {"x-max-priority": MAX_PRIORITY} if name == "priority_queue" else None
+    return Queue(name, Exchange(name, type="direct"), routing_key=name,
+                 queue_arguments=arguments)
+
+
+task_queues = tuple(_queue(name) for name in QUEUE_NAMES)
 task_default_queue = "celery"
 task_default_exchange = "celery"
 task_default_routing_key = "celery"
-task_queue_max_priority = MAX_PRIORITY
 task_routes = {
     "tasks.fast_task": {"queue": "fast_queue"},
     "tasks.slow_task": {"queue": "slow_queue"},
     "tasks.fetch_url": {"queue": "network_queue"},
+    "tasks.priority_task": {"queue": "priority_queue"},
     # everything else (add, canvas steps, callbacks, beat jobs) goes to the default "celery" queue
 }
 
