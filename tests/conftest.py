@@ -1,58 +1,13 @@
-"""Shared fixtures and the one helper for each job the tests share.
-
-The stack: RabbitMQ + Redis where this machine has them (each test on a throw-away vhost and
-Redis key prefix), else the embedded multi-process stack (kombu filesystem:// + file://
-results, in the test's tmp_path). Only RabbitMQ-specific tests skip without RabbitMQ, and only
-through ``skip()``, which fails on CI (CI=true): CI must run everything, on the real broker.
-
-The broker the tests use is the first of these that answers and can be administered (through
-the management API, or a local rabbitmqctl): CELERY_BROKER_URL if you set one, RabbitMQ's
-default guest@localhost, the docker-compose broker (user celery). Your own vhost is never
-touched.
+"""The fixtures the tests share, and the CI rule for skips; every helper is in helpers.py
+(imported by name: ``from helpers import python``), and so is the one environment scrub.
 """
-import functools
-import importlib
-import importlib.util
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from celery import Celery
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from helpers import ON_CI, Live, configure, throwaway_stack  # puts the project on sys.path
 
 import stack  # noqa: E402
-
-ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-HOST = socket.gethostname()
-WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
-
-# One environment rule for every process a test starts (and for this one): the environment
-# pytest was started with, minus the user's own Celery, Flower, demo and RabbitMQ settings,
-# plus what the test sets. The user's broker and backend are remembered first: the tests make
-# their throw-away vhosts there.
-USER_SETTINGS = ("CELERY_", "FLOWER_", "DEMO_", "RABBITMQ_")
-USER_BROKER = os.environ.get("CELERY_BROKER_URL")
-USER_BACKEND = os.environ.get("CELERY_RESULT_BACKEND")
-COMPOSE_BROKER = stack.compose_broker_url()  # reads RABBITMQ_DEFAULT_USER/_PASS, as compose does
-for _key in [k for k in os.environ if k.startswith(USER_SETTINGS)]:
-    del os.environ[_key]
-os.environ.update(PYTHONUNBUFFERED="1", COLUMNS="200")
-
-
-# --- Skips: one helper, which fails on CI ---------------------------------------------------
-def skip(reason):
-    """Skip this test, saying why; on CI (CI=true) fail instead: CI runs every test."""
-    if ON_CI:
-        pytest.fail(f"CI=true, so this test must run, but: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -64,71 +19,6 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"CI=true, so no test may skip, but this one did: {reason}"
-
-
-# --- Which services the tests use --------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def rabbit():
-    """(broker URL, Redis URL, admin) of a RabbitMQ + Redis the tests may use, or a reason why
-    there is none (a str)."""
-    backend = USER_BACKEND if (USER_BACKEND or "").startswith("redis://") else stack.DEFAULT_BACKEND
-    brokers = [url for url in (USER_BROKER, stack.DEFAULT_BROKER, COMPOSE_BROKER)
-               if url and url.startswith(("amqp://", "pyamqp://"))]
-    problems = []
-    for broker in dict.fromkeys(brokers):
-        try:
-            stack.check_broker(broker, timeout=2)
-            admin = stack.rabbit_admin(broker)
-        except (stack.ServiceUnavailable, stack.AdminUnavailable) as exc:
-            problems.append(str(exc))
-            continue
-        try:
-            stack.check_backend(backend, timeout=2)
-        except stack.ServiceUnavailable as exc:
-            return str(exc)
-        return broker, backend, admin
-    return "no usable RabbitMQ: " + " | ".join(problems)
-
-
-def rabbit_problem():
-    found = rabbit()
-    return found if isinstance(found, str) else None
-
-
-class StackEnv(dict):
-    """The environment variables of a throw-away stack, and what it is."""
-    kind = "embedded"
-    admin = vhost = None
-
-    @property
-    def is_rabbit(self):
-        return self.kind == "rabbitmq"
-
-    def only_rabbit(self, why):
-        """Skip (fail on CI) unless this stack is RabbitMQ: ``why`` says what needs it."""
-        if not self.is_rabbit:
-            skip(f"RabbitMQ only: {why} (this machine has no RabbitMQ + Redis: "
-                 f"{rabbit_problem()})")
-
-
-@contextmanager
-def throwaway_stack(run_dir):
-    """The one throw-away environment builder: a new vhost + Redis key prefix on RabbitMQ,
-    removed afterwards, or the embedded stack in ``run_dir``. On CI it must be RabbitMQ."""
-    found = rabbit()
-    if isinstance(found, str):
-        if ON_CI:
-            pytest.fail(f"CI=true, so the tests must run on RabbitMQ + Redis, but: {found}")
-        env = StackEnv(stack.embedded_env(run_dir))
-        yield env
-        return
-    broker, backend, admin = found
-    with stack.throwaway_vhost(broker, admin=admin) as url, \
-            stack.throwaway_redis_prefix(backend) as prefix:
-        env = StackEnv(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=backend,
-                       CELERY_RESULT_KEYPREFIX=prefix)
-        env.kind, env.admin, env.vhost = "rabbitmq", admin, stack.vhost_of(url)
-        yield env
 
 
 @pytest.fixture
@@ -143,89 +33,6 @@ def module_env(tmp_path_factory):
     """A throw-away stack shared by the tests of a module."""
     with throwaway_stack(tmp_path_factory.mktemp("stack")) as env:
         yield env
-
-
-# --- Subprocesses: one runner -----------------------------------------------------------------
-def run(argv, env=None, timeout=60, cwd=ROOT):
-    """Run a command as a user would, from the project folder; the result has ``seconds``.
-
-    A hang ends in subprocess.TimeoutExpired at ``timeout``: a failure, not a wait."""
-    started = time.monotonic()
-    done = subprocess.run(argv, cwd=cwd, env=environment(**(env or {})),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-    done.seconds = time.monotonic() - started
-    done.output = done.stdout + done.stderr
-    return done
-
-
-def environment(**extra):
-    """The environment of a process a test starts (see the rule at the top), plus ``extra``."""
-    return {**os.environ, **extra}
-
-
-def python(*args, env=None, timeout=60, cwd=ROOT):
-    """`python ARGS` with this virtualenv's interpreter: see run()."""
-    return run([sys.executable, *args], env=env, timeout=timeout, cwd=cwd)
-
-
-def client_app(env):
-    """A client configured as a fresh process with ``env`` would be: celeryconfig read anew
-    (so filesystem:// gets its folders, amqp:// its publisher confirms) and independent of the
-    `tasks` module's state."""
-    saved = dict(os.environ)
-    try:
-        os.environ.update(env)
-        spec = importlib.util.spec_from_file_location("celeryconfig_for_test",
-                                                      ROOT / "celeryconfig.py")
-        config = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(config)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    app = Celery("test-client", set_as_current=False)
-    app.config_from_object(config)
-    return app
-
-
-def configure(env):
-    """Point the one `tasks` app at another broker and backend, as a fresh process would see it.
-
-    The environment is what celeryconfig reads; the app's cached connections, producer pool and
-    result backend are dropped so that nothing still talks to the previous broker.
-    """
-    import celeryconfig
-    import tasks
-    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX",
-                "CELERY_FS_ROOT"):
-        os.environ.pop(key, None)
-    os.environ.update(env)
-    importlib.reload(celeryconfig)
-    app = tasks.app
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    for cached in ("amqp", "control", "events"):
-        app.__dict__.pop(cached, None)
-    app._backend_cache = None
-    app._local = threading.local()
-    app.config_from_object(celeryconfig, force=True)
-    assert app.conf.broker_url == env["CELERY_BROKER_URL"]
-    return app
-
-
-# --- In-process workers: the `live` fixture ---------------------------------------------------
-class Live:
-    def __init__(self, env, app, workers):
-        self.env, self.app, self.workers = env, app, workers
-        self.name = env.kind
-
-    def context(self, **kwargs):
-        """A demo context with what this stack offers (in-process workers: the threads pool)."""
-        import demos
-        offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend,
-                                  pool="threads")
-        return demos.Context(app=self.app, offers=offers, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -248,73 +55,6 @@ def live(tmp_path_factory):
     finally:  # processes that later modules start must not inherit this stack
         os.environ.clear()
         os.environ.update(saved)
-
-
-# --- Real worker processes (test_faults.py, test_bad_input.py, test_clients.py) ------------
-def start_worker(procs, name, queues, *extra):
-    """`celery -A tasks worker -Q QUEUES -n NAME@%h` as stack.worker_command builds it."""
-    return procs.start(name, [sys.executable, "-m",
-                              *stack.worker_command(queues, *WORKER_FLAGS, *extra, name=name)])
-
-
-def wait_for_log(path, text, timeout):
-    """True once ``text`` is in the file at ``path``, False at the deadline."""
-    try:
-        return stack.eventually(lambda: text in Path(path).read_text(errors="replace"),
-                                f"{text!r} in {path}", timeout, interval=0.1,
-                                ignore=FileNotFoundError)
-    except TimeoutError:
-        return False
-
-
-def worker_until_exit(run_dir, env, name, timeout=60):
-    """Start a worker that should stop by itself; return (exit code, seconds, its log)."""
-    procs = stack.Processes(run_dir, env)
-    try:
-        started = time.monotonic()
-        code = start_worker(procs, name, "celery").wait(timeout=timeout)
-        seconds = time.monotonic() - started
-    finally:
-        procs.stop_all()
-    return code, seconds, (procs.run_dir / f"{name}.log").read_text(errors="replace")
-
-
-@contextmanager
-def worker_without(run_dir, name, broker_url):
-    """A worker whose broker is not there, started now, so its retries overlap other tests.
-
-    Its results go to file:// in ``run_dir`` (it checks its result backend first, and that
-    one must answer). Yields (process, log path, seconds from start to exit); the last fails
-    until it exited.
-    """
-    (Path(run_dir) / "results").mkdir(parents=True, exist_ok=True)
-    procs = stack.Processes(run_dir, {"CELERY_BROKER_URL": broker_url,
-                                      "CELERY_RESULT_BACKEND": f"file://{run_dir}/results"})
-    started, ended = time.monotonic(), []
-    proc = start_worker(procs, name, "celery")
-    # Note when it exits, even if that is before the test looks (a daemon thread: it ends
-    # when the worker does, at the latest when stop_all kills it below)
-    threading.Thread(target=lambda: (proc.wait(), ended.append(time.monotonic())),
-                     daemon=True).start()
-    try:
-        yield proc, procs.run_dir / f"{name}.log", lambda: ended[0] - started
-    finally:
-        procs.stop_all()
-
-
-def print_logs_if_failed(request, failed_before, procs, lines=40):
-    """After a failed test, the end of each log of the processes it started."""
-    if request.session.testsfailed > failed_before:
-        for name, _, path in procs.started:
-            print(f"--- end of {name}.log ---\n{stack.tail(path, lines)}")
-
-
-# --- For tests that are about RabbitMQ itself ------------------------------------------------
-def require_rabbit(why="needs RabbitMQ + Redis"):
-    """Skip (fail on CI) unless this machine has a usable RabbitMQ + Redis."""
-    problem = rabbit_problem()
-    if problem:
-        skip(f"{why}: {problem}")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from kombu import Exchange, Queue
 
 import stack
-from conftest import (HOST, client_app, python, start_worker, throwaway_stack, wait_for_log,
+from helpers import (HOST, client_app, python, start_worker, throwaway_stack, wait_for_log,
                       worker_until_exit, worker_without)
 
 UNRESOLVABLE = "amqp://guest:guest@nonexistent.invalid:5672//"  # .invalid never resolves

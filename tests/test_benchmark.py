@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, require_rabbit
+from helpers import ROOT, require_rabbit
 import stack
 
 KINDS = {"per_message", "batched", "peer"}

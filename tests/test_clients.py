@@ -11,7 +11,7 @@ import pytest
 
 import demos
 import stack
-from conftest import HOST, client_app, python
+from helpers import HOST, client_app, python
 
 
 @pytest.fixture(scope="module")

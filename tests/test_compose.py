@@ -18,7 +18,7 @@ import sys
 import yaml
 from docker.utils.build import exclude_paths
 
-from conftest import ROOT, client_app, run, skip
+from helpers import ROOT, client_app, run, skip
 
 import celeryconfig
 import stack

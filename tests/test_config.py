@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from conftest import python
+from helpers import python
 
 import stack
 

@@ -15,7 +15,7 @@ import pytest
 
 import demos
 import stack
-from conftest import (HOST, client_app, print_logs_if_failed, python, start_worker,
+from helpers import (HOST, client_app, print_logs_if_failed, python, start_worker,
                       wait_for_log, worker_until_exit, worker_without)
 
 NO_BROKER = "amqp://guest:s3cret@127.0.0.1:1//"  # nothing listens on port 1: refused at once

@@ -12,7 +12,7 @@ import json
 import pytest
 import requests
 
-from conftest import client_app, python, throwaway_stack
+from helpers import client_app, python, throwaway_stack
 
 import stack
 

@@ -23,7 +23,7 @@ import pytest
 import celeryconfig
 import demos
 import stack
-from conftest import ROOT, skip
+from helpers import ROOT, skip, structure
 from stack import hosts as hostlib
 from stack.brokerhost import (HOST_NAMES, client, client_env, rabbitmq_conf, redis_conf,
                               start_broker_host)
@@ -304,7 +304,6 @@ def test_python_m_stack_hosts_leaves_nothing_behind_on_sigterm(tmp_path):
 
 
 def test_the_chapter_has_the_same_sections_and_code_in_both_languages():
-    from test_readme import structure
     en = CHAPTER.read_text(encoding="utf-8")
     zh = CHAPTER.with_name("more-machines.zh-CN.md").read_text(encoding="utf-8")
     assert structure(en)[0] == structure(zh)[0], "different section structures"

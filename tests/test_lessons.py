@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import client_app, run
+from helpers import client_app, run
 
 import stack
 

@@ -1,11 +1,12 @@
 """A service that fails in the middle of a run: every script ends in time and names it.
 
-    flock -x /work/wt/rabbit.lock .venv/bin/python -m pytest tests/test_midrun_faults.py -s
+    python -m pytest tests/test_midrun_faults.py -s
 
 Real `celery -A tasks worker` processes and a real client_fixed.py / run_demo.py reach the real
 RabbitMQ and Redis through stack.FaultProxy, which freezes them on command (sockets open,
 nothing answered: a paused VM, a partition). The alarm and stop_app tests change RabbitMQ for
-the whole machine and restore it in a ``finally``; run them under an exclusive lock (above).
+the whole machine and restore it in a ``finally``; run them when no other test run uses this
+RabbitMQ (``-k "not alarm and not restart"`` leaves them out).
 Each test asserts the exit code, a generous time bound (the deadline + 15 s), that the
 message names the service, and that nothing it started is left running.
 """
@@ -19,17 +20,11 @@ import time
 
 import pytest
 
-from conftest import HOST, ROOT, WORKER_FLAGS, client_app, start_worker
+from helpers import HOST, ROOT, WORKER_FLAGS, client_app, environment, start_worker
 
 import stack
 
 GRACE = 15  # seconds of slack on every deadline a user relies on (the machine is shared)
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CELERY_", "FLOWER_", "DEMO_"))}
-    return {**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
 
 
 class Script:
@@ -74,7 +69,7 @@ def proxied(rabbit_env, tmp_path):
     """Workers for the default and slow queues, all of them behind one proxy per service."""
     with stack.FaultProxy("127.0.0.1", 5672) as broker, \
             stack.FaultProxy("127.0.0.1", 6379) as redis:
-        env = clean_env(**{**rabbit_env,
+        env = environment(**{**rabbit_env,
                            "CELERY_BROKER_URL": broker.rewrite(rabbit_env["CELERY_BROKER_URL"]),
                            "CELERY_RESULT_BACKEND": redis.rewrite(stack.DEFAULT_BACKEND)})
         procs = stack.Processes(tmp_path / "run", env)
@@ -167,7 +162,7 @@ def test_a_signal_ends_the_client_while_it_waits_on_a_frozen_broker(proxied, sig
 
 def test_run_demo_stops_everything_on_sigterm_while_the_broker_is_frozen(rabbit_env, tmp_path):
     with stack.FaultProxy("127.0.0.1", 5672) as broker:
-        env = clean_env(**{**rabbit_env,
+        env = environment(**{**rabbit_env,
                            "CELERY_BROKER_URL": broker.rewrite(rabbit_env["CELERY_BROKER_URL"])})
         run_dir = tmp_path / "run"
         job = Script("run_demo.py", "--broker", "rabbitmq", "--run-dir", str(run_dir),
@@ -203,7 +198,7 @@ ALARMS = {
 def test_a_rabbitmq_alarm_blocking_publishers_is_named_and_the_stack_works_again(
         rabbit_env, tmp_path, alarm):
     read, setter, trigger = ALARMS[alarm]
-    env = clean_env(**rabbit_env)
+    env = environment(**rabbit_env)
     procs = stack.Processes(tmp_path / "run", env)
     start_worker(procs, "alarm", "celery")
     try:
@@ -252,7 +247,7 @@ def _client(env):
 
 def test_hand_started_workers_and_beat_outlive_a_broker_restart(rabbit_env, tmp_path):
     """Longer than the old retry budget (5 retries, ~30 s): they used to exit for good."""
-    env = clean_env(**rabbit_env)
+    env = environment(**rabbit_env)
     procs = stack.Processes(tmp_path / "run", env)
     # The README's commands (`celery -A tasks worker -Q slow_queue -n slow@%h`, ...), -l INFO
     procs.celery("worker-slow", "worker", "-Q", "slow_queue", "-n", "slow@%h", "-l", "INFO")
@@ -296,7 +291,7 @@ def test_a_silent_worker_connection_is_dropped_and_its_late_ack_task_redelivered
     intervals, as when a worker's host vanishes (no FIN, no RST), and gives its unacknowledged
     late-ack task to another worker; the silent worker notices by itself and reconnects."""
     with stack.FaultProxy("127.0.0.1", 5672) as broker:
-        env = clean_env(**rabbit_env)
+        env = environment(**rabbit_env)
         procs = stack.Processes(tmp_path / "run", env)
         app = client_app(rabbit_env)
         try:

@@ -19,10 +19,9 @@ import requests
 
 import celeryconfig
 import stack
-from conftest import ROOT, run
+from helpers import FENCE, ROOT, run, structure, without_comments
 
 JOURNEY = re.compile(r"<!-- journey: (background|run)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 NODES = ["default", "fast", "slow", "network"]
 
 
@@ -88,23 +87,6 @@ def test_readme_journey_runs_as_written(stack_env, tmp_path):
             assert f"{node}@{host}" in page.text
     finally:
         processes.stop_all()
-
-
-COMMENT = re.compile(r"(?:^|\s+)#(?:\s.*)?$")
-
-
-def without_comments(block):
-    """A code block with its comments dropped: comments may be translated, the code may not."""
-    lines = [COMMENT.sub("", line).rstrip() for line in block.splitlines()]
-    return "\n".join(line for line in lines if line.strip())
-
-
-def structure(text):
-    """Heading levels, code blocks (without comments) and journey markers: what both languages share."""
-    blocks = [without_comments(block) for block in FENCE.findall(text)]
-    prose = FENCE.sub("", text)
-    levels = [len(m) for m in re.findall(r"^(#+) ", prose, re.M)]
-    return levels, blocks, re.findall(r"<!-- journey: [^>]*-->", text)
 
 
 PAIRS = [("README.md", "README.zh-CN.md")] + [

@@ -11,55 +11,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from conftest import ROOT, environment
+from helpers import ROOT, alive_in_groups, environment, finish, start
 
 import demos
 import stack
 
-SCRIPT = str(ROOT / "run_demo.py")
 DEAD_BROKER = "amqp://guest:secret@127.0.0.1:1//"
-
-
-def start(args, env, cwd, command=(sys.executable, SCRIPT)):
-    # A session of its own, like a shell job: its group id is the PID of the command started
-    return subprocess.Popen([*command, *args], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def alive_in_groups(run_dir, job_pid):
-    """PIDs of live (not zombie) processes in any process group this run created."""
-    pids = json.loads((run_dir / "pids.json").read_text())
-    # run_demo.py (and client_fixed.py) are in the job's group, as in a shell
-    groups = {job_pid, *pids["processes"].values()}
-    alive = []
-    for entry in Path("/proc").iterdir():
-        try:
-            after_name = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # not a process, or gone meanwhile
-        state, pgrp = after_name[0], int(after_name[2])
-        if pgrp in groups and state != "Z":
-            alive.append(int(entry.name))
-    return alive
-
-
-def finish(proc, timeout):
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"run_demo.py still running after {timeout}s:\n{output[-4000:]}")
-    return output
 
 
 def check_full_run(proc, run_dir, results, unsupported=()):

@@ -18,8 +18,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from conftest import ROOT, environment as clean_env, require_rabbit, skip
-from test_run_demo import alive_in_groups, finish, start
+from helpers import (ROOT, alive_in_groups, environment as clean_env, finish, require_postgres,
+                     require_rabbit, start)
 
 import demos
 import stack
@@ -81,15 +81,6 @@ def resources(pair, exits, tmp):
         url = stack.start_local_sqs(server)
         env.update(CELERY_BROKER_URL=url, CELERY_BROKER_PREFIX=f"celery-demo-{tmp.name[-6:]}-")
     return env
-
-
-def require_postgres():
-    """Skip without PostgreSQL on 127.0.0.1:5432 (user postgres), as conftest does for
-    RabbitMQ; on CI (CI=true) fail instead: CI must prove the PostgreSQL results."""
-    try:
-        stack.postgres_databases()
-    except Exception as exc:  # any failure means the same here: no usable PostgreSQL
-        skip(f"PostgreSQL not available: {exc.__class__.__name__}: {exc}")
 
 
 class Runs:

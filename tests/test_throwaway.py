@@ -9,7 +9,7 @@ import pytest
 from kombu import Connection, Exchange, Queue
 
 import stack
-from conftest import rabbit, require_rabbit, skip
+from helpers import rabbit, require_rabbit, skip
 
 
 def test_a_throwaway_vhost_and_user_work_and_are_removed_through_the_management_api():
