@@ -1,153 +1,27 @@
-"""The catalogue of demos: one small function per Celery feature.
+"""The lessons: one small function per Celery feature, in the order a reader should meet them.
 
-Each demo declares what it needs of the stack (``@demo(needs=...)``: chords, priority, remote
-control, ...; the features are listed in stack/capabilities.py), sends its tasks, waits for them
-with a deadline (never a bare ``.get()``), checks the outcome and returns one line saying what
-it showed; it raises ``DemoFailed`` otherwise. A demo the stack cannot carry is not run: its
-outcome is "unsupported", with the reason (``stack.decide``).
-``client_fixed.py`` runs them against the real stack, ``complete_demo.py`` against in-process
-workers, and the tests against both. Not a script: import it.
+Each lesson sends its tasks, waits for them with a deadline (``wait``: never a bare ``.get()``),
+checks the outcome (``check``) and returns one line saying what it showed. ``@demo(needs=...)``
+says what it needs of the stack beyond a broker and a result backend (chords, priority, remote
+control, ...; stack/capabilities.py lists them): a stack that cannot carry it does not run it
+and says why. The harness behind ``demo``, ``wait`` and the ``ctx`` each lesson receives is
+stack/lessons.py; you need not open it to read a lesson.
+
+``client_fixed.py`` runs the lessons against the real stack, ``complete_demo.py`` against
+in-process workers, and the tests against both. Not a script: import it.
 """
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 
 from celery import chain, chord, group
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
-from celery.states import PROPAGATE_STATES
 
-import stack
 import tasks
 from stack import FlakyServer  # noqa: F401 - the retry demo's server, also demos.FlakyServer
-
-DEMOS = {}  # name -> function, in the order a reader should meet them
-NEEDS = {}  # name -> the features of stack/capabilities.py it needs
-BECAUSE = {}  # name -> why it needs them, where the feature alone does not say
-
-
-class DemoFailed(AssertionError):
-    """A demo whose outcome was not what it teaches; the message says what went wrong."""
+from stack.lessons import DEADLINES, DemoFailed, check, demo, wait, wait_state
+# What the runners (client_fixed.py, complete_demo.py, run_demo.py, the tests) use, as demos.NAME
+from stack.lessons import (DEMOS, NEEDS, Context, Outcome, count, deadline_for,  # noqa: F401
+                           describe, run, start_worker_hint, unconsumed_queues, unsupported)
 
 
-def demo(func=None, *, needs=(), because=""):
-    """Register a demo: ``@demo``, or ``@demo(needs=("chords",))`` when it needs more of the
-    stack than a broker and a result backend (``because``: why, when that is not obvious)."""
-    def register(func):
-        name = func.__name__.removeprefix("demo_")
-        DEMOS[name], NEEDS[name] = func, stack.capabilities.known(needs)  # a typo fails here
-        BECAUSE[name] = because
-        return func
-    return register(func) if func else register
-
-
-def unsupported(name, offers):
-    """None when a stack with ``offers`` can run demo ``name``, else the reason it cannot."""
-    why = stack.decide(NEEDS[name], offers)
-    return f"{why} ({BECAUSE[name]})" if why and BECAUSE[name] else why
-
-
-def describe(name):
-    """The first line of a demo's docstring: what it shows."""
-    return (DEMOS[name].__doc__ or "").strip().split("\n")[0]
-
-
-@dataclass
-class Context:
-    """What a demo needs to know about the stack it runs on."""
-    app: object
-    offers: object = None                 # stack.offers_for(broker, backend, pool): what it can do
-    deadline: float = 0.0                 # monotonic time by which the current demo must end
-    on_progress: object = None            # callback(current, total) for the progress demo
-    http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
-    http_bind: str = "127.0.0.1"          # where it listens (0.0.0.0 when workers are elsewhere)
-    notes: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.offers is None:
-            self.offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend)
-
-    def remaining(self):
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DemoFailed("the demo ran out of time")
-        return left
-
-
-def check(condition, message):
-    if not condition:
-        raise DemoFailed(message)
-
-
-def unconsumed_queues(app, queues):
-    """Ask the workers what they consume: (names of the workers that answered, the queues of
-    ``queues`` that none of them consumes). A task sent to such a queue stays PENDING,
-    silently: the broker keeps it until a worker consumes that queue."""
-    replies = app.control.inspect(timeout=1.0).active_queues() or {}
-    consumed = {q["name"] for consumed in replies.values() for q in consumed}
-    return sorted(replies), [queue for queue in queues if queue not in consumed]
-
-
-def start_worker_hint(queue):
-    return f"`{' '.join(stack.worker_command(queue))}`"
-
-
-def why_pending(app, queue, offers=None):
-    """Explain a task that nobody picked up: the usual cause is a queue with no worker."""
-    offers = offers or stack.offers_for(app.conf.broker_url, app.conf.result_backend)
-    if not offers.offers("remote_control"):  # cannot ask the workers (SQS)
-        return (f"this broker cannot ask workers what they consume ({offers.broker.kind}: no "
-                f"remote control); is a worker running for queue {queue!r}? "
-                f"{start_worker_hint(queue)}")
-    workers, missing = unconsumed_queues(app, [queue])
-    if not workers:
-        return (f"no worker is running at all; start one for queue {queue!r}: "
-                f"{start_worker_hint(queue)}")
-    if missing:
-        return (f"no worker consumes queue {queue!r} (workers: {', '.join(workers)}); "
-                f"start one: {start_worker_hint(queue)}")
-    dropped = (", or the broker dropped the message (RabbitMQ discards a message whose "
-               "`expires` passed)") if offers.broker.drops_expired else ""
-    return f"workers consume {queue!r} but did not finish in time: they may be busy{dropped}"
-
-
-def wait(ctx, result, queue, timeout=None, propagate=True):
-    """``result.get`` with a deadline; a task still PENDING at the deadline is diagnosed.
-
-    A task that failed in the worker raises DemoFailed naming its exception, not the exception
-    itself: a task's requests.ConnectionError (an OSError) must not read as a broker fault.
-    """
-    limit = min(timeout or ctx.remaining(), ctx.remaining())
-    try:
-        if not isinstance(result, AsyncResult):  # a group's GroupResult has no single state
-            return result.get(timeout=limit, propagate=propagate, interval=0.05)
-        value = result.get(timeout=limit, propagate=False, interval=0.05)
-        # state comes from the result get() just cached: no second round trip
-        if propagate and result.state in PROPAGATE_STATES:
-            raise DemoFailed(f"the task failed in the worker: {type(value).__name__}: {value}")
-        return value
-    except CeleryTimeout:
-        # Stop waiting for it now: Redis results stay subscribed until the task ends, and
-        # unsubscribing at interpreter exit fails ("Exception ignored in AsyncResult.__del__")
-        result.backend.remove_pending_result(result)
-        if result.state == "PENDING":
-            raise DemoFailed(f"still PENDING after {limit:.0f}s: "
-                             f"{why_pending(ctx.app, queue, ctx.offers)}") from None
-        raise DemoFailed(f"not finished after {limit:.0f}s (state {result.state})") from None
-
-
-def wait_state(ctx, result, states, queue):
-    while result.state not in states:
-        if ctx.deadline - time.monotonic() < 0.2:
-            why = (why_pending(ctx.app, queue, ctx.offers) if result.state == "PENDING"
-                   else result.state)
-            raise DemoFailed(f"expected {'/'.join(states)}, still {result.state}: {why}")
-        time.sleep(0.05)
-    return result.state
-
-
-# --- The demos ---------------------------------------------------------------------------
 @demo
 def demo_basic(ctx):
     """delay() a task and get() its result with a timeout."""
@@ -176,12 +50,11 @@ def demo_states(ctx):
             seen.append(result.state)
     wait(ctx, result, "celery")
     check(seen == ["PENDING", "STARTED", "SUCCESS"], f"states seen: {seen}")
-    cannot = stack.decide(("shared_results",), ctx.offers)
+    cannot = ctx.cannot("shared_results")
     if cannot:  # cache+memory:// (complete_demo.py): say so, rather than pretend
         return f"{' -> '.join(seen)}; no lookup by id in another process here: {cannot}"
     # the same environment (broker, backend, key prefix) as this process: as another terminal
-    done = subprocess.run([sys.executable, "-c", LOOKUP, result.id, "5"], cwd=stack.HERE,
-                          capture_output=True, text=True, timeout=ctx.remaining())
+    done = ctx.in_another_process(LOOKUP, result.id, "5")
     answer = done.stdout.strip()
     check(done.returncode == 0 and answer == "SUCCESS {'slept': 0.5}",
           f"another process looking up {result.id} got {answer!r} {done.stderr[-300:]!r}")
@@ -284,7 +157,7 @@ def demo_retry(ctx):
 @demo
 def demo_time_limit(ctx):
     """A soft time limit the task catches (SoftTimeLimitExceeded), a hard one that kills it."""
-    cannot = stack.decide(("time_limits",), ctx.offers)
+    cannot = ctx.cannot("time_limits")
     if cannot:
         # Threads (and solo) workers cannot interrupt a task: show that, rather than pretend
         value = wait(ctx, tasks.time_limited.delay(1.5), "celery")
@@ -365,13 +238,9 @@ def demo_priority(ctx):
     """An urgent task overtakes routine ones waiting in the queue (RabbitMQ: 9, Redis: 0)."""
     # Keep every worker slot of the default queue busy, so the next tasks wait in the broker,
     # where RabbitMQ hands out the highest priority first.
-    stats = ctx.app.control.inspect(timeout=1.0).stats() or {}
-    queues = ctx.app.control.inspect(timeout=1.0).active_queues() or {}
-    slots = sum(s["pool"].get("max-concurrency", 1) + s.get("prefetch_count", 1)
-                for name, s in stats.items()
-                if "celery" in {q["name"] for q in queues.get(name, [])})
+    slots = ctx.worker_slots("celery")
     # RabbitMQ hands out the highest number first; Redis the lowest (0 is the most urgent).
-    urgent, routine = ctx.offers.broker.priority_levels()
+    urgent, routine, direction = ctx.priority
     blockers = [tasks.priority_task.apply_async(("blocker", 0.5), priority=urgent)
                 for _ in range(slots + 2)]
     low = [tasks.priority_task.apply_async((f"low{i}",), priority=routine) for i in range(8)]
@@ -383,9 +252,9 @@ def demo_priority(ctx):
     # Tasks that start in the same instant on several pool slots may swap places, so the check
     # is that "high" overtook most of the 8 tasks queued before it (FIFO would put it last).
     check(rank <= 3, f"priority {urgent} should overtake the priority {routine} tasks "
-                     f"({ctx.offers.broker.kind}: {ctx.offers.broker.priority}), ran {order}")
+                     f"({direction}), ran {order}")
     return (f"8 tasks of priority {routine}, then 1 of priority {urgent} "
-            f"({ctx.offers.broker.priority}): it started after only {rank} of them")
+            f"({direction}): it started after only {rank} of them")
 
 
 @demo(needs=("revoked_state",))
@@ -406,7 +275,7 @@ def demo_revoke(ctx):
     queued.revoke()
     state = wait_state(ctx, queued, ("REVOKED", "SUCCESS"), "celery")
     check(state == "REVOKED", f"a revoked task still ran ({state})")
-    cannot = stack.decide(("terminate",), ctx.offers)
+    cannot = ctx.cannot("terminate")
     if cannot:
         ctx.notes.append(f"revoke: only the waiting task; {cannot}")
         return f"revoke() of a waiting task -> REVOKED (not terminate: {cannot})"
@@ -432,48 +301,7 @@ def demo_inspect(ctx):
     return f"{len(queues)} workers answered; queues {sorted(consumed)}; {count} tasks registered"
 
 
-@dataclass
-class Outcome:
-    name: str
-    status: str        # "passed", "failed" or "unsupported" (this stack cannot carry it)
-    seconds: float
-    detail: str
-    fault: str = ""  # set when a service (broker, result backend) failed: the run should stop
-
-    @property
-    def ok(self):
-        """Not a failure: passed, or unsupported with its reason."""
-        return self.status != "failed"
-
-    def as_dict(self):
-        return {**vars(self), "ok": self.ok}
-
-
-def run(ctx, name, deadline_s):
-    """Run one demo with its own deadline; never raises, returns an Outcome."""
-    why = unsupported(name, ctx.offers)
-    if why:
-        return Outcome(name, "unsupported", 0.0, why)
-    ctx.deadline = time.monotonic() + deadline_s
-    started = time.monotonic()
-    fault = ""
-    try:
-        detail, status = DEMOS[name](ctx), "passed"
-    except Exception as exc:  # a demo's failure is reported, and the next demo still runs
-        fault = stack.service_fault(exc, ctx.app) or ""  # ... unless a service stopped answering
-        detail, status = fault or f"{exc.__class__.__name__}: {exc}", "failed"
-    return Outcome(name, status, round(time.monotonic() - started, 2), detail, fault)
-
-
-def count(outcomes):
-    """'12 passed, 0 failed, 1 unsupported': the summary line of every runner."""
-    statuses = [o.status for o in outcomes]
-    return ", ".join(f"{statuses.count(s)} {s}" for s in ("passed", "failed", "unsupported"))
-
-
-DEADLINES = {"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20,
-             "states": 15, "chunks": 20, "time_limit": 15}
-
-
-def deadline_for(name):
-    return DEADLINES.get(name, 10)
+# How long each lesson may take, where the default (10 s) is too short: its tasks' own
+# durations (slow steps, retries' backoff, beat's 3 s schedule) plus the worker's latency.
+DEADLINES.update({"progress": 15, "retry": 20, "periodic": 12, "priority": 20, "revoke": 20,
+                  "states": 15, "chunks": 20, "time_limit": 15})

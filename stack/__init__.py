@@ -17,6 +17,8 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
     celery_gaps.py two Celery worker bugs worked around (installed by tasks.py at worker_init;
                    not imported here)
+    lessons.py     the harness under demos.py: registry, Context, wait, Outcome (imported by
+                   demos.py, not here: its names are the lessons' own)
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
