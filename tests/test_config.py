@@ -79,6 +79,8 @@ def test_complete_demo_runs_every_section_without_any_service():
     assert unsupported == ["priority"]  # FIFO: said, not hidden
     assert (f"{len(demos.DEMOS) - 1} passed, 0 failed, 1 unsupported" in out.stdout)
     assert "UNSUPPORTED (0.0s) kombu's memory transport delivers in FIFO order" in out.stdout
+    # one line per demo: the callbacks lesson's intended failure is no ERROR with a traceback
+    assert "Traceback" not in out.output and "ERROR" not in out.output, out.output
     for name in demos.DEMOS:
         assert f" {name}" in out.stdout
 
