@@ -7,11 +7,13 @@ Redis, Amazon SQS, Docker, or the embedded file-based stack that ``run_demo.py``
 (``python run_demo.py --broker redis --backend postgresql`` sets them for you):
 
     CELERY_BROKER_URL       default amqp://guest:guest@localhost:5672//; or
-                            redis://localhost:6379/0, sqs://KEY:SECRET@ (Amazon) or
-                            sqs://KEY:SECRET@127.0.0.1:PORT (a local SQS-compatible server)
-    CELERY_RESULT_BACKEND   default redis://localhost:6379/0; or rpc://, file:///PATH,
+                            redis://localhost:6379/0, sqs://KEY:SECRET@ (Amazon),
+                            sqs://KEY:SECRET@127.0.0.1:PORT (a local SQS-compatible server),
+                            filesystem:// (no server: message files in CELERY_FS_ROOT)
+    CELERY_RESULT_BACKEND   default redis://localhost:6379/0; or rpc://, file:///ABSOLUTE/PATH,
                             db+postgresql+psycopg://USER:PASSWORD@localhost:5432/DATABASE
-    CELERY_FS_ROOT          folder for the filesystem:// broker (set by run_demo.py --broker embedded)
+    CELERY_FS_ROOT          folder for the filesystem:// broker (default: celery-fs in the
+                            current folder; folders are created when missing)
     CELERY_RESULT_KEYPREFIX optional prefix for every result key in Redis (isolates test runs)
     CELERY_BROKER_PREFIX    optional prefix for the broker's Redis keys or SQS queue names (ditto)
 
@@ -19,38 +21,68 @@ What each broker and backend can and cannot do (chords on rpc://, remote control
 direction of priorities) is a table in stack/capabilities.py.
 """
 import os
+import sys
 from datetime import timedelta
 
 from celery.schedules import crontab
 from kombu import Exchange, Queue
 
-from stack.deadlines import on_connection_blocked
-
 broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/0")
 
-# The filesystem transport (pure Python, no server) keeps its messages in folders; the
-# control folder gives it fanout, which inspect/control/revoke and events (Flower) need.
+# --- The demo's extras, where stack/ is beside this file -------------------------------------
+# Celery and kombu load each of them by the name given here: a worker's start-up checks and
+# workarounds for two Celery bugs (stack/worker_signals.py); a file:// result and a
+# filesystem:// message that are never read half-written (stack/embedded.py). A copy of
+# tasks.py and this file without stack/ runs the same tasks without them.
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXTRAS = os.path.isdir(os.path.join(HERE, "stack"))
+if EXTRAS:
+    # `celery -A tasks ...` has this folder on sys.path only while it imports tasks.py and
+    # this file; Celery and kombu import the names below later, when they first need them.
+    # (Celery's cwd_in_path then removes only the entry it put in.)
+    if sys.path.count(HERE) < 2:
+        sys.path.append(HERE)
+    imports = ("stack.worker_signals",)  # a worker imports these as it starts
+    override_backends = {"file": "stack.embedded:AtomicFileBackend"}  # file:// URLs get it
+
+
+def _folder(path, used_for, setting):
+    """Create the folder ``path`` if it is not there; stop in one line if it cannot be used."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"no permission to write in {path}")
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            problem = "a file is in the way"
+        raise SystemExit(f"cannot use the folder {path} for {used_for} ({problem}); "
+                         f"fix it, or choose another folder with {setting}") from None
+    return path
+
+
+# The filesystem transport (pure Python, no server) keeps its messages in folders, created
+# here; the control folder gives it fanout, which inspect/control/revoke and events (Flower)
+# need. Every process must use the same folders: run each command from this folder, or set
+# CELERY_FS_ROOT to the same absolute path everywhere.
 if broker_url.startswith("filesystem://"):
-    _root = os.environ.get("CELERY_FS_ROOT", os.path.abspath("celery-fs"))
+    _root = os.path.abspath(os.environ.get("CELERY_FS_ROOT", "celery-fs"))
     broker_transport_options = {
-        "data_folder_in": os.path.join(_root, "messages"),
+        "data_folder_in": _folder(os.path.join(_root, "messages"), "the broker's messages",
+                                  "CELERY_FS_ROOT"),
         "data_folder_out": os.path.join(_root, "messages"),
-        "control_folder": os.path.join(_root, "control"),
+        "control_folder": _folder(os.path.join(_root, "control"), "the broker's control messages",
+                                  "CELERY_FS_ROOT"),
         "polling_interval": 0.1,  # the default (1 s) adds a second to every hop of a chain
     }
-    # kombu's transport, but a message file is never seen half-written (stack/embedded.py).
-    # Imported now: the `celery` command has the project folder on sys.path only while it
-    # imports `-A tasks`, and kombu resolves the name below later (else "No module named
-    # 'stack'" from `celery -A tasks worker` on the embedded stack).
-    import stack.embedded  # noqa: F401,E402
-    broker_transport = "stack.embedded:FilesystemTransport"
+    if EXTRAS:  # kombu's transport, but a message file is never seen half-written
+        broker_transport = "stack.embedded:FilesystemTransport"
 
-# file:// results: Celery's file backend, except that a result is never read half-written
-# (stack/embedded.py). The URL stays file://; only the class behind the scheme changes.
+# file:// results: one file per task in this folder, created here
 if result_backend.startswith("file://"):
-    from celery.app import backends as _backends
-    _backends.BACKEND_ALIASES["file"] = "stack.embedded:AtomicFileBackend"
+    _folder(result_backend.removeprefix("file://localhost").removeprefix("file://"),
+            "the results", "CELERY_RESULT_BACKEND=file:///ABSOLUTE/PATH")
 
 # memory:// (complete_demo.py, tests) lives in one process; polling it often costs nothing.
 if broker_url.startswith("memory://"):
@@ -60,8 +92,7 @@ if broker_url.startswith("memory://"):
 # confirms, a message the broker refuses (bigger than its max_message_size, 128 MiB) is dropped
 # silently and its task stays PENDING forever; with them apply_async raises PRECONDITION_FAILED.
 # The price: about twice the client CPU per message (benchmark.py: 157 vs 70 us per send).
-# The socket timeouts and the connection.blocked callback are explained in the section
-# "Timeouts and reconnection, by role" below.
+# The socket timeouts are explained in the section "Timeouts and reconnection, by role" below.
 if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
     broker_transport_options = {
         "confirm_publish": True,
@@ -73,9 +104,6 @@ if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         # timeout is what bounds the confirm wait: it is a socket read like any other.
         "read_timeout": 6,
         "write_timeout": 6,
-        # RabbitMQ's memory/disk alarm: raise at once instead of waiting for a confirm that
-        # cannot come (stack/deadlines.py says why and names the alarm).
-        "on_blocked": on_connection_blocked,
     }
 
 # Redis as the broker. A message a worker has taken but not yet acknowledged goes back to the
@@ -250,7 +278,8 @@ def summary():
 
 
 def effective_pair():
-    """Which broker and result backend this configuration uses, and what they cannot do."""
+    """Which broker and result backend this configuration uses, and what they cannot do
+    (stack/capabilities.py: one of the extras)."""
     from stack import capabilities
     offers = capabilities.offers_for(broker_url, result_backend)
     from kombu.utils.url import maybe_sanitize_url as masked
@@ -261,4 +290,4 @@ def effective_pair():
 
 
 if __name__ == "__main__":
-    print("\n".join(effective_pair() + summary()))
+    print("\n".join((effective_pair() if EXTRAS else []) + summary()))

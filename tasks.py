@@ -6,6 +6,9 @@
 
 Run these from the folder that holds this file (or add ``--workdir PATH``): ``-A tasks``
 imports this module by name. Where each task goes is set in ``celeryconfig.task_routes``.
+This file and celeryconfig.py need nothing else of this repository: what the demo adds to a
+worker (start-up checks, workarounds for Celery bugs) Celery loads from stack/ by the names
+celeryconfig gives, only where stack/ is there.
 """
 import platform
 import time
@@ -14,47 +17,12 @@ import requests
 from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
-from celery.signals import worker_init
 from celery.utils.log import get_task_logger
-from kombu.utils.url import maybe_sanitize_url
-
-# Imported here, not in the hook below: `celery -A tasks worker` finds this folder's modules
-# only while it imports this one
-from stack.services import MissingDriver, check_driver
 
 app = Celery("tasks")
-app.config_from_object("celeryconfig")
-
-# A task logger prefixes each line with the task's name and id: "tasks.log_work[3f2c...]: ..."
-logger = get_task_logger(__name__)
-
-
-@worker_init.connect
-def refuse_to_start_without_result_backend(sender, **kwargs):
-    """Stop a worker whose broker or result backend has no driver installed (one line naming
-    the package, not a traceback), or whose Redis result backend is down: it would run tasks
-    and lose every result."""
-    url = str(sender.app.conf.result_backend or "")
-    try:
-        check_driver(str(sender.app.conf.broker_url), "broker")
-        check_driver(url, "result backend")
-    except MissingDriver as exc:
-        raise SystemExit(f"cannot start: {exc}")
-    if not url.startswith(("redis://", "rediss://")):
-        return
-    try:
-        sender.app.backend.client.ping()
-    except Exception as exc:  # SystemExit: Celery logs and ignores other errors in signal handlers
-        raise SystemExit(f"cannot reach the result backend at {maybe_sanitize_url(url)}: {exc}")
-
-
-@worker_init.connect
-def work_around_celery_gaps(sender, **kwargs):
-    """A worker must notice a dead broker connection and survive reconnecting to it: two
-    Celery 5.7 bugs, worked around in stack/celery_gaps.py (each names its upstream issue)."""
-    from stack.celery_gaps import bound_event_retries, track_only_live_children
-    bound_event_retries()
-    track_only_live_children()
+# broker, results, queues, routes...: celeryconfig.py. Read now (force), not when first needed:
+# else a result looked up first gets Celery's own class, not the configured override_backends.
+app.config_from_object("celeryconfig", force=True)
 
 
 # --- Basics ---------------------------------------------------------------------------------
@@ -186,26 +154,32 @@ def check_system():
 
 
 # --- A Task subclass with hooks, and callbacks with link / link_error -----------------------
+# A task logger prefixes each line with the task's name and id: "tasks.log_work[3f2c...]: ..."
+logger = get_task_logger(__name__)
 HOOK_CALLS = []  # (hook, task_id) seen by this process: the tests read it with in-process workers
 
 
 class CallbackTask(Task):
     """Base class whose hooks run in the worker after each outcome of the task."""
 
+    # INFO: the worker itself logs each failure and retry, at the level it deserves
     def on_success(self, retval, task_id, args, kwargs):
         HOOK_CALLS.append(("on_success", task_id))
         logger.info("CallbackTask.on_success: %s[%s] returned %r", self.name, task_id, retval)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         HOOK_CALLS.append(("on_failure", task_id))
-        logger.error("CallbackTask.on_failure: %s[%s] raised %r", self.name, task_id, exc)
+        logger.info("CallbackTask.on_failure: %s[%s] raised %r", self.name, task_id, exc)
 
     def on_retry(self, exc, task_id, args, kwargs, einfo):
         HOOK_CALLS.append(("on_retry", task_id))
-        logger.warning("CallbackTask.on_retry: %s[%s] will retry after %r", self.name, task_id, exc)
+        logger.info("CallbackTask.on_retry: %s[%s] will retry after %r", self.name, task_id, exc)
 
 
-@app.task(name="tasks.important_task", base=CallbackTask, bind=True, max_retries=1)
+# throws: the failure this task is asked for is expected, so the worker logs it as one INFO
+# line ("raised expected: RuntimeError(...)"), not as an ERROR with a traceback
+@app.task(name="tasks.important_task", base=CallbackTask, bind=True, max_retries=1,
+          throws=(RuntimeError,))
 def important_task(self, outcome="succeed"):
     """``outcome`` is "succeed", "fail", or "retry" (fail once, then succeed)."""
     if outcome == "fail":

@@ -15,8 +15,10 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
-    celery_gaps.py two Celery worker bugs worked around (installed by tasks.py at worker_init;
-                   not imported here)
+    celery_gaps.py two Celery worker bugs worked around (installed at worker_init; not
+                   imported here)
+    worker_signals.py  a worker's start-up checks and the workarounds, as signal handlers:
+                   celeryconfig's ``imports`` names it (not imported here)
     lessons.py     the harness under demos.py: registry, Context, wait, Outcome (imported by
                    demos.py, not here: its names are the lessons' own)
 

@@ -1,7 +1,13 @@
 """Workarounds for two gaps in Celery 5.7's worker, each in one function, each with its issue.
 
-Both are installed from tasks.py at worker_init (a worker's start), and only there: clients
-never load them. Remove each when the Celery release that fixes it is pinned.
+Both are installed at worker_init (a worker's start, stack/worker_signals.py), and only there:
+clients never load them. Remove each when the Celery release that fixes it is pinned.
+
+A third gap is worked around where no module of stack/ is loaded yet, in tasks.py:
+celeryconfig's ``override_backends`` reaches Celery's loader only once the configuration is
+read, but ``app.backend`` does not read it first (celery/celery#7270): a bare ``import tasks;
+AsyncResult(id, app=tasks.app).state`` got Celery's FilesystemBackend, not AtomicFileBackend.
+tasks.py reads its configuration at once (``config_from_object(..., force=True)``).
 """
 import functools
 
@@ -20,7 +26,7 @@ def bound_event_retries():
     for ever *inside the worker's event loop* while the broker is frozen. The loop then never
     runs its AMQP heartbeat check, and the worker never notices its dead connection (measured:
     still stuck after 60 s). With one quick retry the loop stays free; the event connection is
-    rebuilt anyway when the consumer reconnects. Called from tasks.py at worker_init.
+    rebuilt anyway when the consumer reconnects. Called at worker_init.
     """
     from celery.events.dispatcher import EventDispatcher
     send = EventDispatcher.send

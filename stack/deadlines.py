@@ -1,8 +1,9 @@
 """What a client does when a service fails in the middle of a run: name it, stop, leave at once.
 
-Owns: PublishersBlocked and ``on_connection_blocked`` (RabbitMQ's memory/disk alarm, wired in
-celeryconfig), ``service_fault`` (turns an exception from kombu, py-amqp or redis-py into one
-line naming the service, its masked URL and what to do), ``abandon_connections`` (drop every
+Owns: PublishersBlocked, ``on_connection_blocked`` and ``raise_on_alarms`` (RabbitMQ's
+memory/disk alarm), ``service_fault`` (turns an exception
+from kombu, py-amqp or redis-py into one line naming the service, its masked URL and what to
+do), ``abandon_connections`` (drop every
 broker and Redis connection without a goodbye: a frozen peer never answers one), and
 ClientGuard (Ctrl-C, SIGTERM and a hard deadline end a client even while it is blocked on a
 socket). The timeouts themselves are settings, in celeryconfig.py ("timeouts and reconnection,
@@ -20,8 +21,10 @@ from urllib.parse import urlparse
 
 from kombu.utils.url import maybe_sanitize_url
 
-__all__ = ["PublishersBlocked", "on_connection_blocked", "rabbitmq_alarms", "service_fault",
-           "abandon_connections", "exit_now", "ClientGuard"]
+from . import capabilities
+
+__all__ = ["PublishersBlocked", "on_connection_blocked", "raise_on_alarms", "rabbitmq_alarms",
+           "service_fault", "abandon_connections", "exit_now", "ClientGuard"]
 
 
 class PublishersBlocked(RuntimeError):
@@ -29,7 +32,7 @@ class PublishersBlocked(RuntimeError):
 
 
 class _OnBlocked:
-    """py-amqp's ``on_blocked`` callback (broker_transport_options in celeryconfig).
+    """py-amqp's ``on_blocked`` callback, which ``raise_on_alarms`` gives an app's connections.
 
     RabbitMQ stops reading from every publishing connection while a memory or disk alarm is
     on, and tells clients that asked (py-amqp does) with connection.blocked. Without this
@@ -52,6 +55,15 @@ class _OnBlocked:
 
 
 on_connection_blocked = _OnBlocked()
+
+
+def raise_on_alarms(app):
+    """Give ``app``'s RabbitMQ connections ``on_connection_blocked``: a client (ClientGuard),
+    a worker and beat (stack/worker_signals.py) call it. Not in celeryconfig: a callable is
+    no setting that a copy of celeryconfig.py without stack/ could name."""
+    if capabilities.broker_kind(app.conf.broker_url) == "rabbitmq":
+        app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}),
+                                             "on_blocked": on_connection_blocked}
 
 
 def rabbitmq_alarms(broker_url, timeout=2.0):
@@ -142,7 +154,8 @@ def exit_now(code):
 
 
 class ClientGuard:
-    """SIGINT, SIGTERM and a hard deadline stop a client, even while it waits on a socket.
+    """SIGINT, SIGTERM and a hard deadline stop a client, even while it waits on a socket;
+    and a RabbitMQ alarm ends a publish at once (``on_connection_blocked``).
 
     Each raises KeyboardInterrupt in the main thread wherever it is (Python interrupts a
     blocking recv for a signal handler), after abandoning the connections so that no finally
@@ -155,6 +168,7 @@ class ClientGuard:
         self.hard_deadline = hard_deadline
 
     def install(self):
+        raise_on_alarms(self.app)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
         if self.hard_deadline:

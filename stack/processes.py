@@ -96,7 +96,8 @@ def eventually(check, what, timeout, interval=0.3, ignore=()):
 class Processes:
     """Start commands in their own process group with a log each; stop every one of them."""
 
-    def __init__(self, run_dir, env=None):
+    def __init__(self, run_dir, env=None, cwd=HERE):
+        self.cwd = cwd  # where each command runs: the project folder, as a user's terminal
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {})}
@@ -106,7 +107,7 @@ class Processes:
     def start(self, name, argv, env=None):
         log_path = self.run_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, cwd=HERE, env={**self.env, **(env or {})},
+            proc = subprocess.Popen(argv, cwd=self.cwd, env={**self.env, **(env or {})},
                                     stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # our own group: we can stop it whole

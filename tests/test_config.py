@@ -1,9 +1,15 @@
-"""The configuration a user reads and overrides, and the no-service demo."""
+"""The configuration a user reads and overrides, the two files a user takes home, and the
+no-service demo."""
+import ast
+import os
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import python
+from helpers import ROOT, python, run, wait_for_log
 
 import stack
 
@@ -73,5 +79,99 @@ def test_complete_demo_runs_every_section_without_any_service():
     assert unsupported == ["priority"]  # FIFO: said, not hidden
     assert (f"{len(demos.DEMOS) - 1} passed, 0 failed, 1 unsupported" in out.stdout)
     assert "UNSUPPORTED (0.0s) kombu's memory transport delivers in FIFO order" in out.stdout
+    # one line per demo: the callbacks lesson's intended failure is no ERROR with a traceback
+    assert "Traceback" not in out.output and "ERROR" not in out.output, out.output
     for name in demos.DEMOS:
         assert f" {name}" in out.stdout
+
+
+# --- What a learner takes home: tasks.py and celeryconfig.py, alone --------------------------
+def module_level(node):
+    """The statements of ``node`` that run on import: function bodies left out."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield child
+            yield from module_level(child)
+
+
+@pytest.mark.parametrize("name", ["tasks.py", "celeryconfig.py"])
+def test_the_two_files_import_nothing_of_this_repository(name):
+    """(celeryconfig's `python -m celeryconfig` reads stack/capabilities.py where it is there.)"""
+    nodes = list(module_level(ast.parse((ROOT / name).read_text())))
+    imported = {alias.name.split(".")[0] for node in nodes
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in nodes
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported and not imported & {"stack", "bench", "demos", "tasks", "celeryconfig",
+                                        "conftest"} - {name[:-3]}
+
+
+def test_tasks_py_shows_the_app_and_its_first_task_in_its_first_30_lines():
+    lines = (ROOT / "tasks.py").read_text().splitlines()[:30]
+    assert any(line.startswith("app = Celery(") for line in lines)
+    first = next(n for n, line in enumerate(lines) if line.startswith("@app.task"))
+    assert lines[first + 1].startswith("def add(")
+
+
+CLIENT = "from tasks import add; print(add.delay(2, 3).get(timeout=10))"
+
+
+def test_the_two_files_alone_in_an_empty_folder_run_a_worker_and_a_client(rabbit_env, tmp_path):
+    """The take-home test: a copy of tasks.py and celeryconfig.py, nothing else, with the
+    README's commands (on a throw-away vhost and Redis key prefix)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("tasks.py", "celeryconfig.py"):
+        shutil.copy(ROOT / name, home / name)
+    env = {**rabbit_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    alone = run([sys.executable, "-c", "import importlib.util, celeryconfig; "
+                 "print(importlib.util.find_spec('stack'), celeryconfig.EXTRAS)"],
+                env=env, cwd=home)
+    assert alone.stdout.split() == ["None", "False"], alone.output
+    procs = stack.Processes(tmp_path / "logs", env, cwd=home)
+    try:
+        procs.start("worker", ["celery", "-A", "tasks", "worker", "-l", "INFO"])
+        log = procs.run_dir / "worker.log"
+        assert wait_for_log(log, " ready.", 60), stack.tail(log, 40)
+        done = run([sys.executable, "-c", CLIENT], env=env, cwd=home, timeout=30)
+        assert done.returncode == 0 and done.stdout == "5\n", done.output
+        assert "Task tasks.add[" in log.read_text() and "Traceback" not in log.read_text()
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("first", ["import tasks", "import celeryconfig; import tasks"])
+def test_file_results_get_the_atomic_backend_whatever_reads_the_config_first(first, tmp_path):
+    """override_backends (celeryconfig) names stack.embedded.AtomicFileBackend for file://;
+    no module rewrites Celery's aliases for everyone (celery/celery#7270: stack/celery_gaps.py)."""
+    done = python("-c", f"{first}; print(type(tasks.app.backend).__name__)",
+                  env={"CELERY_BROKER_URL": "memory://",
+                       "CELERY_RESULT_BACKEND": f"file://{tmp_path}/results"})
+    assert done.stdout.strip() == "AtomicFileBackend", done.output
+    assert (tmp_path / "results").is_dir()  # created: it was not there
+
+
+# --- An unusable folder of the embedded stack: one line naming it, never a traceback ----------
+UNUSABLE = {"CELERY_FS_ROOT": ("filesystem://", "{blocker}", "{blocker}/messages"),
+            "file results": ("memory://", "file://{blocker}/results", "{blocker}/results")}
+
+
+@pytest.mark.parametrize("command", [["-m", "celeryconfig"],
+                                     ["-m", "celery", "-A", "tasks", "worker", "-l", "INFO"],
+                                     ["-m", "celery", "-A", "tasks", "beat", "-l", "INFO"]],
+                         ids=["python -m celeryconfig", "worker", "beat"])
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_an_unusable_folder_is_one_line_naming_it(case, command, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    broker, setting, named = (part.format(blocker=blocker) for part in UNUSABLE[case])
+    env = {"CELERY_BROKER_URL": broker}
+    if case == "CELERY_FS_ROOT":
+        env["CELERY_FS_ROOT"] = setting
+    else:
+        env["CELERY_RESULT_BACKEND"] = setting
+    done = python(*command, env=env, timeout=60)
+    assert done.returncode == 1, done.output
+    lines = done.output.strip().splitlines()
+    assert len(lines) == 1 and f"cannot use the folder {named}" in lines[0], done.output
+    assert "a file is in the way" in lines[0]

@@ -5,12 +5,16 @@ docs/NAME.zh-CN.md) have the same heading levels, journey markers and code block
 compared without its comments (which may be translated).
 
 A code block preceded by ``<!-- journey: background NAME -->`` is a terminal left running (a
-worker, beat, Flower); ``<!-- journey: run -->`` blocks are commands that must succeed. The test
-replays them in README order against a throw-away stack (a RabbitMQ vhost, or the embedded
-stack), as a user would with the environment variables the README documents.
+worker, beat, Flower); ``<!-- journey: run -->`` blocks are commands that must succeed;
+``<!-- journey: env NAME -->`` blocks are the exports of a variant, typed in every terminal.
+The test replays them in README order against a throw-away stack (a RabbitMQ vhost, or the
+embedded stack), as a user would with the environment variables the README documents; and
+once more with nothing but step 2's "install nothing" exports, in a fresh copy of the project.
+Only Flower's port is one that is free, so that runs at the same time do not collide.
 """
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import celeryconfig
 import stack
 from helpers import FENCE, ROOT, run, structure, without_comments
 
-JOURNEY = re.compile(r"<!-- journey: (background|run)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
+JOURNEY = re.compile(r"<!-- journey: (background|run|env)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
 NODES = ["default", "fast", "slow", "network"]
 
 
@@ -38,8 +42,8 @@ def journey(text):
     return steps
 
 
-def shell(command, env, timeout=120):
-    return run(["bash", "-c", command], env=env, timeout=timeout)
+def shell(command, env, timeout=120, cwd=ROOT):
+    return run(["bash", "-c", command], env=env, timeout=timeout, cwd=cwd)
 
 
 def test_readme_worker_commands_are_the_ones_stack_builds():
@@ -50,41 +54,70 @@ def test_readme_worker_commands_are_the_ones_stack_builds():
                         for q in celeryconfig.QUEUE_NAMES]
 
 
-def test_readme_journey_runs_as_written(stack_env, tmp_path):
+def fresh_copy(folder):
+    """The project as a clone has it: no virtualenv, no run folders, no broker folders."""
+    shutil.copytree(ROOT, folder, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".run", ".pytest_cache", "__pycache__", "celery-fs", "celery-results"))
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["configured", "embedded"])
+def test_readme_journey_runs_as_written(variant, request, tmp_path):
+    """configured: the services of this machine (a throw-away vhost and Redis prefix), or the
+    embedded stack where there are none. embedded: only the exports of step 2 d), in a copy of
+    the project where no folder of the embedded stack exists yet."""
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
     assert names == ["worker-default", "worker-fast", "worker-slow", "worker-network", "beat",
                      "flower"]
     # As a user with the venv activated: `celery` and `python` are the venv's.
-    env = {**stack_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    processes = stack.Processes(tmp_path, env)
+    path = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if variant == "embedded":
+        env, cwd = path, fresh_copy(tmp_path / "celery-demo")
+        exports = "; ".join(c for kind, name, cs in steps if (kind, name) == ("env", "embedded")
+                            for c in cs)
+        assert exports.count("export ") == 2
+    else:
+        env, cwd, exports = {**request.getfixturevalue("stack_env"), **path}, ROOT, ""
+    port = stack.free_port(0)
+    typed = lambda command: f"{exports}; {command}" if exports else command  # noqa: E731
+    processes = stack.Processes(tmp_path / "logs", env, cwd=cwd)
     host = os.uname().nodename
     ready = False
     try:
         for kind, name, commands in steps:
+            if kind == "env":
+                continue
+            commands = [c.replace("--port=5555", f"--port={port}") for c in commands]
             if kind == "background":
                 for command in commands:
-                    processes.start(name, ["bash", "-c", command])
+                    processes.start(name, ["bash", "-c", typed(command)])
                 continue
             if not ready:  # a user waits for the workers' "ready" lines before going on
-                pinged = lambda: shell("celery -A tasks inspect ping", env, 30).stdout  # noqa: E731
+                pinged = lambda: shell(typed("celery -A tasks inspect ping"),  # noqa: E731
+                                       env, 30, cwd).stdout
                 stack.eventually(lambda: all(f"{n}@{host}: OK" in pinged() for n in NODES),
-                                 "the four workers to answer a ping", 60, interval=0.5)
+                                 "the four workers to answer a ping", 90, interval=0.5)
                 ready = True
             for command in commands:
-                out = shell(command, env)
+                out = shell(typed(command), env, cwd=cwd)
                 assert out.returncode == 0, f"`{command}` failed:\n{out.stdout}\n{out.stderr}"
                 if "active_queues" in command:
                     for queue in ("celery", "fast_queue", "slow_queue", "network_queue"):
                         assert f"'name': '{queue}'" in out.stdout
                 if "client_fixed.py" in command:
                     assert "failed" not in out.stdout.lower() or " 0 failed" in out.stdout
+                if command.startswith("celery -A tasks result"):
+                    assert out.stdout.strip() == "5", out.output
         assert not processes.exited(), processes.exited()
         # Flower, as the README says: the dashboard lists the four workers.
-        page = requests.get("http://127.0.0.1:5555/workers", timeout=5)
+        page = requests.get(f"http://127.0.0.1:{port}/workers", timeout=5)
         assert page.status_code == 200
         for node in NODES:
             assert f"{node}@{host}" in page.text
+        if variant == "embedded":  # the folders the exports name, made by the stack itself
+            assert (cwd / "celery-fs" / "messages").is_dir()
+            assert any((cwd / "celery-results").iterdir())
     finally:
         processes.stop_all()
 

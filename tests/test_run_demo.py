@@ -41,6 +41,10 @@ def check_full_run(proc, run_dir, results, unsupported=()):
         in output
     assert alive_in_groups(run_dir, proc.pid) == []
     assert "nothing left running" in output
+    # The callbacks lesson's intended failure: one INFO line in the worker's log (Task.throws)
+    log = (run_dir / "worker-default.log").read_text()
+    assert "raised expected: RuntimeError('important_task was asked to fail')" in log
+    assert "raised unexpected: RuntimeError" not in log
     names = set(json.loads((run_dir / "pids.json").read_text())["processes"])
     assert {"worker-default", "worker-fast", "worker-slow", "worker-network", "beat"} <= names
     return output

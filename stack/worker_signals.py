@@ -1,0 +1,51 @@
+"""What the demo adds to a worker's start, as Celery signal handlers.
+
+Loaded by Celery itself: celeryconfig names this module in ``imports`` (only where stack/ is
+there), and a worker imports those modules as it starts, before it sends ``worker_init``. A
+copy of tasks.py and celeryconfig.py without stack/ starts its workers without these checks.
+"""
+from celery.signals import beat_init, worker_init
+from kombu.utils.url import maybe_sanitize_url
+
+from .capabilities import backend_kind
+from .celery_gaps import bound_event_retries, track_only_live_children
+from .deadlines import raise_on_alarms
+from .services import MissingDriver, check_driver
+
+__all__ = ["refuse_to_start_without_result_backend", "work_around_celery_gaps",
+           "publish_fails_at_once_on_alarms"]
+
+
+@worker_init.connect
+def refuse_to_start_without_result_backend(sender, **kwargs):
+    """Stop a worker whose broker or result backend has no driver installed (one line naming
+    the package, not a traceback), or whose Redis result backend is down: it would run tasks
+    and lose every result."""
+    url = str(sender.app.conf.result_backend or "")
+    try:
+        check_driver(str(sender.app.conf.broker_url), "broker")
+        check_driver(url, "result backend")
+    except MissingDriver as exc:
+        raise SystemExit(f"cannot start: {exc}")
+    if backend_kind(url) != "redis":
+        return
+    try:
+        sender.app.backend.client.ping()
+    except Exception as exc:  # SystemExit: Celery logs and ignores other errors in signal handlers
+        raise SystemExit(f"cannot reach the result backend at {maybe_sanitize_url(url)}: {exc}")
+
+
+@worker_init.connect
+def work_around_celery_gaps(sender, **kwargs):
+    """A worker must notice a dead broker connection and survive reconnecting to it: two
+    Celery 5.7 bugs, worked around in stack/celery_gaps.py (each names its upstream issue)."""
+    bound_event_retries()
+    track_only_live_children()
+
+
+@worker_init.connect
+@beat_init.connect
+def publish_fails_at_once_on_alarms(sender, **kwargs):
+    """A publish during RabbitMQ's memory or disk alarm raises at once, naming the alarm
+    (stack/deadlines.py), instead of waiting for the read timeout."""
+    raise_on_alarms(sender.app)
