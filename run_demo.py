@@ -272,9 +272,9 @@ def main():
         code = 2
     except stack.StackFailed as exc:
         console.print(f"[red]the stack did not start:[/] {escape(str(exc))}")
-        if "PRECONDITION_FAILED" in str(exc):  # a queue left by an older version of the demo
-            say("the queue exists without x-max-priority: delete it (its messages too) with "
-                "`rabbitmqctl delete_queue NAME` (add -p VHOST if not /), then run again")
+        conflict = stack.queue_conflict(str(exc))  # a queue an older version of the demo left
+        if conflict:
+            say(escape(conflict))
         code = 1
     except KeyboardInterrupt:
         code = started.get("code", 128 + (received[-1] if received else signal.SIGINT))

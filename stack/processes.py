@@ -14,7 +14,7 @@ from .services import HERE
 
 # Short node names per queue: `celery -A tasks worker -Q slow_queue -n slow@%h`
 WORKER_NAMES = {"celery": "default", "fast_queue": "fast", "slow_queue": "slow",
-                "network_queue": "network"}
+                "network_queue": "network", "priority_queue": "priority"}
 # fast_queue carries many tiny tasks: a deep prefetch is worth 10x there (see benchmark.py);
 # the other queues keep celeryconfig's prefetch of 1, fair for long tasks and for priorities.
 WORKER_OPTIONS = {"fast_queue": ("--prefetch-multiplier", "64")}

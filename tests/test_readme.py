@@ -23,7 +23,7 @@ from conftest import ROOT, run
 
 JOURNEY = re.compile(r"<!-- journey: (background|run)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-NODES = ["default", "fast", "slow", "network"]
+NODES = [stack.WORKER_NAMES[queue] for queue in celeryconfig.QUEUE_NAMES]
 
 
 def read(name):
@@ -54,8 +54,7 @@ def test_readme_worker_commands_are_the_ones_stack_builds():
 def test_readme_journey_runs_as_written(stack_env, tmp_path):
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
-    assert names == ["worker-default", "worker-fast", "worker-slow", "worker-network", "beat",
-                     "flower"]
+    assert names == [f"worker-{node}" for node in NODES] + ["beat", "flower"]
     # As a user with the venv activated: `celery` and `python` are the venv's.
     env = {**stack_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     processes = stack.Processes(tmp_path, env)
@@ -70,18 +69,18 @@ def test_readme_journey_runs_as_written(stack_env, tmp_path):
             if not ready:  # a user waits for the workers' "ready" lines before going on
                 pinged = lambda: shell("celery -A tasks inspect ping", env, 30).stdout  # noqa: E731
                 stack.eventually(lambda: all(f"{n}@{host}: OK" in pinged() for n in NODES),
-                                 "the four workers to answer a ping", 60, interval=0.5)
+                                 "every worker to answer a ping", 60, interval=0.5)
                 ready = True
             for command in commands:
                 out = shell(command, env)
                 assert out.returncode == 0, f"`{command}` failed:\n{out.stdout}\n{out.stderr}"
                 if "active_queues" in command:
-                    for queue in ("celery", "fast_queue", "slow_queue", "network_queue"):
+                    for queue in celeryconfig.QUEUE_NAMES:
                         assert f"'name': '{queue}'" in out.stdout
                 if "client_fixed.py" in command:
                     assert "failed" not in out.stdout.lower() or " 0 failed" in out.stdout
         assert not processes.exited(), processes.exited()
-        # Flower, as the README says: the dashboard lists the four workers.
+        # Flower, as the README says: the dashboard lists every worker.
         page = requests.get("http://127.0.0.1:5555/workers", timeout=5)
         assert page.status_code == 200
         for node in NODES:
