@@ -1,5 +1,6 @@
 """Real OS processes: the worker command line, process groups with a log each, waiting for
-workers to answer, and the multi-process stack of run_demo.py (a worker per queue, beat, Flower).
+workers to answer, and the multi-process stack of run_demo.py (a worker per queue, beat, Flower,
+web.py).
 """
 import os
 import signal
@@ -226,6 +227,13 @@ def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=No
         processes.celery("flower", "flower", "--address=127.0.0.1", f"--port={flower_port}",
                          env={"FLOWER_UNAUTHENTICATED_API": "true"})
     return nodes
+
+
+def start_web(processes, port, host="127.0.0.1"):
+    """Start web.py (the page that starts, watches and cancels slow_task); return its URL."""
+    processes.start("web", [sys.executable, str(HERE / "web.py"), "--host", host,
+                            "--port", str(port)])
+    return f"http://{host}:{port}/"
 
 
 def wait_for_port(host, port, timeout):
