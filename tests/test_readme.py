@@ -54,7 +54,7 @@ def test_readme_worker_commands_are_the_ones_stack_builds():
 def test_readme_journey_runs_as_written(stack_env, tmp_path):
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
-    assert names == [f"worker-{node}" for node in NODES] + ["beat", "flower"]
+    assert names == [f"worker-{node}" for node in NODES] + ["beat", "flower", "web"]
     # As a user with the venv activated: `celery` and `python` are the venv's.
     env = {**stack_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     processes = stack.Processes(tmp_path, env)
@@ -85,6 +85,13 @@ def test_readme_journey_runs_as_written(stack_env, tmp_path):
         assert page.status_code == 200
         for node in NODES:
             assert f"{node}@{host}" in page.text
+        # web.py, as the README says: its page, and its API starting a task the workers run
+        assert "slow_task" in requests.get("http://127.0.0.1:8000/", timeout=5).text
+        started = requests.post("http://127.0.0.1:8000/api/slow_task", json={"duration": 1},
+                                timeout=15).json()
+        stack.eventually(lambda: requests.get(f"http://127.0.0.1:8000/api/tasks/{started['id']}",
+                                              timeout=15).json()["state"] == "SUCCESS",
+                         "the web page's task to succeed", 20)
     finally:
         processes.stop_all()
 

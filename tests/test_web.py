@@ -6,6 +6,10 @@ not answer, `run_demo.py --web`, and the page itself in headless Chromium.
 The workers are prefork processes for `celery` and `slow_queue`, as run_demo.py starts them
 (revoke with terminate needs prefork), on a throw-away vhost or the embedded stack.
 """
+import os
+import re
+import signal
+import threading
 import time
 import uuid
 
@@ -13,7 +17,8 @@ import pytest
 import requests
 
 import stack
-from conftest import client_app, print_logs_if_failed
+from conftest import client_app, environment, print_logs_if_failed, skip
+from test_run_demo import alive_in_groups, start
 
 
 class Web:
@@ -157,3 +162,103 @@ def test_a_result_backend_that_does_not_answer_gets_503_naming_it_in_seconds(web
     assert "the result backend (Redis) at redis://127.0.0.1:1/0" in answer.json()["error"]
     assert took < 15, f"{took:.1f}s"
     print(f"\nno result backend: 503 after {took:.1f}s: {answer.json()['error']}")
+
+
+# --- The page in a real browser: headless Chromium from the distribution ------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# What works as root, in a container, with no network but the page's: no sandbox (root), no
+# GPU, and none of the background calls a first start makes (updates, sync, QUIC).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=900,640")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        skip("no headless Chromium: `apt-get install chromium chromium-driver` (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    driver.set_script_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # also ends chromedriver and every Chromium process it started
+
+
+def test_the_page_starts_a_task_shows_its_bar_reach_100_and_cancels_another(web, browser,
+                                                                           tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def start(duration):
+        field = browser.find_element(By.ID, "duration")
+        field.clear()
+        field.send_keys(str(duration))
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".task"))
+        browser.find_element(By.ID, "start-button").click()
+        WebDriverWait(browser, 10).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, ".task")) > before)
+        return browser.find_elements(By.CSS_SELECTOR, ".task")[0]  # the newest is first
+
+    def text(row, selector):
+        return row.find_element(By.CSS_SELECTOR, selector).text
+
+    browser.get(web.url)
+    assert "slow_task" in browser.title
+    row = start(4)
+    counts = set()
+
+    def finished(_):
+        counts.add(text(row, ".count"))
+        return text(row, ".state") == "SUCCESS"
+    WebDriverWait(browser, 30, poll_frequency=0.1).until(finished)
+    assert any(c.startswith(("1 of 4", "2 of 4", "3 of 4")) for c in counts), counts  # advanced
+    assert text(row, ".count") == "4 of 4 (100 %)"
+    assert row.find_element(By.CSS_SELECTOR, ".fill").get_attribute("style") == "width: 100%;"
+    assert '"steps":4' in text(row, ".result")
+
+    other = start(60)
+    WebDriverWait(browser, 20).until(lambda _: text(other, ".state") == "PROGRESS")
+    browser.save_screenshot(str(tmp_path / "web.png"))  # what docs/web.png shows
+    other.find_element(By.CSS_SELECTOR, ".cancel").click()
+    WebDriverWait(browser, 15).until(lambda _: text(other, ".state") == "REVOKED")
+    assert not browser.find_element(By.ID, "error").text
+
+
+def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_path):
+    """`python run_demo.py --web --keep-running` on the stack that needs nothing installed."""
+    run_dir = tmp_path / "run"
+    proc = start(["--broker", "embedded", "--web", "--keep-running", "--only", "basic",
+                  "--run-dir", str(run_dir)], environment(), cwd=tmp_path)
+    lines, up = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "the stack keeps running" in line:
+                up.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert up.wait(120), "".join(lines)[-3000:]
+        url = re.search(r"web page \(web\.py\): (http://127\.0\.0\.1:\d+/)", "".join(lines))
+        assert url, "".join(lines)[-3000:]
+        assert "slow_task" in requests.get(url.group(1), timeout=10).text
+        task = requests.post(url.group(1) + "api/slow_task", json={"duration": 2},
+                             timeout=15).json()["id"]
+        stack.eventually(lambda: requests.get(f"{url.group(1)}api/tasks/{task}", timeout=15)
+                         .json()["state"] == "SUCCESS", "slow_task(2) to succeed", 30)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the line it printed says
+        proc.wait(timeout=40)
+        reader.join(10)
+    output = "".join(lines)
+    assert "nothing left running" in output, output[-3000:]
+    assert alive_in_groups(run_dir, proc.pid) == []
