@@ -236,9 +236,10 @@ def demo_logging(ctx):
 @demo(needs=("priority", "remote_control"))  # counts the worker slots with `inspect stats`
 def demo_priority(ctx):
     """An urgent task overtakes routine ones waiting in the queue (RabbitMQ: 9, Redis: 0)."""
-    # Keep every worker slot of the default queue busy, so the next tasks wait in the broker,
-    # where RabbitMQ hands out the highest priority first.
-    slots = ctx.worker_slots("celery")
+    # priority_task goes to priority_queue, the one queue declared with x-max-priority
+    # (celeryconfig.py). Keep every worker slot of that queue busy, so the next tasks wait in
+    # the broker, where RabbitMQ hands out the highest priority first.
+    slots = ctx.worker_slots("priority_queue")
     # RabbitMQ hands out the highest number first; Redis the lowest (0 is the most urgent).
     urgent, routine, direction = ctx.priority
     blockers = [tasks.priority_task.apply_async(("blocker", 0.5), priority=urgent)
@@ -246,7 +247,7 @@ def demo_priority(ctx):
     low = [tasks.priority_task.apply_async((f"low{i}",), priority=routine) for i in range(8)]
     high = tasks.priority_task.apply_async(("high",), priority=urgent)
     for result in blockers + low + [high]:
-        wait(ctx, result, "celery")
+        wait(ctx, result, "priority_queue")
     order = [r.result["label"] for r in sorted(low + [high], key=lambda r: r.result["ran_at"])]
     rank = order.index("high")
     # Tasks that start in the same instant on several pool slots may swap places, so the check

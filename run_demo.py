@@ -2,6 +2,7 @@
 
     python run_demo.py                      # about 30 s; exit code 0 when every demo passed
     python run_demo.py --flower             # also start Flower and print its URL
+    python run_demo.py --web --keep-running # also web.py (a page with live progress), and stay up
     python run_demo.py --broker embedded    # or auto (default), rabbitmq, redis, sqs, docker
     python run_demo.py --backend postgresql # or auto (default), redis, rpc, file
     python run_demo.py --keep-running       # leave the stack up after the demos, until Ctrl-C
@@ -14,7 +15,7 @@ results inside the run folder. --broker/--backend KIND choose one: the URL from 
 when it is of that kind, else the local default (stack/services.py); --broker sqs starts a local
 SQS-compatible server (moto) unless CELERY_BROKER_URL is an sqs:// URL. What the chosen pair
 cannot do is said first (stack/capabilities.py), and those demos are reported unsupported.
-Then a worker per queue, beat (and Flower), and finally
+Then a worker per queue, beat (and Flower, web.py), and finally
 ``client_fixed.py`` as a subprocess, exactly as you would run it yourself. Each process logs to
 the run folder (.run/<timestamp>/). Everything it started is stopped at the end, also after a
 failure, Ctrl-C or SIGTERM.
@@ -48,6 +49,9 @@ def parse_args():
                         help="which result backend to use (default: auto: the configured one, "
                              "or files with the embedded broker)")
     parser.add_argument("--flower", action="store_true", help="also start Flower on 127.0.0.1")
+    parser.add_argument("--web", action="store_true",
+                        help="also start web.py on 127.0.0.1 (with --keep-running to use it "
+                             "after the demos)")
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the stack running after the demos until Ctrl-C")
     parser.add_argument("--run-dir", type=Path, help="folder for logs (default .run/<timestamp>)")
@@ -199,6 +203,12 @@ def run(args, run_dir, started):
     if flower_port:
         up = stack.wait_for_port("127.0.0.1", flower_port, timeout=20)
         say(f"Flower: http://127.0.0.1:{flower_port}/" + ("" if up else " (not answering yet)"))
+    if args.web:
+        web_port = stack.free_port(8000)
+        url = stack.start_web(processes, web_port)
+        write_pids(run_dir, started)
+        up = stack.wait_for_port("127.0.0.1", web_port, timeout=20)
+        say(f"web page (web.py): {url}" + ("" if up else " (not answering yet)"))
     client = started["client"] = subprocess.Popen(client_command(args), cwd=HERE, env=os.environ)
     write_pids(run_dir, started, client)
     try:  # client_fixed.py ends by --timeout + 5 s whatever the services do (its ClientGuard);
@@ -272,9 +282,9 @@ def main():
         code = 2
     except stack.StackFailed as exc:
         console.print(f"[red]the stack did not start:[/] {escape(str(exc))}")
-        if "PRECONDITION_FAILED" in str(exc):  # a queue left by an older version of the demo
-            say("the queue exists without x-max-priority: delete it (its messages too) with "
-                "`rabbitmqctl delete_queue NAME` (add -p VHOST if not /), then run again")
+        conflict = stack.queue_conflict(str(exc))  # a queue an older version of the demo left
+        if conflict:
+            say(escape(conflict))
         code = 1
     except KeyboardInterrupt:
         code = started.get("code", 128 + (received[-1] if received else signal.SIGINT))

@@ -148,6 +148,7 @@ def stop_rabbit(broker):
 # --- The demo's hosts: a worker host per queue (two for slow_queue), beat on one ---------------
 WORKER_HOSTS = {"worker1": "celery", "worker2": "fast_queue", "worker3": "slow_queue",
                 "worker4": "network_queue", "worker5": "slow_queue"}
+EXTRA_WORKERS = [("worker4", "priority_queue")]  # a second worker on a host: (host, queue)
 BEAT_HOST = "worker1"
 HOST_NAMES = ["broker", "client", *WORKER_HOSTS]
 
@@ -156,10 +157,12 @@ def start_workers(hosts, broker, workers=None, beat_host=BEAT_HOST):
     """Start each worker host's worker (``celery -A tasks worker -Q QUEUE -n NAME@%h``) and beat
     on exactly one host; return the node names they answer a ping with."""
     nodes = []
-    for host, queue in (workers or WORKER_HOSTS).items():
+    first = workers or WORKER_HOSTS
+    for host, queue in [*first.items(), *([] if workers else EXTRA_WORKERS)]:
         argv = worker_command(queue, "-E", "-c", "2", "--without-mingle", "--without-gossip",
                               "-l", "INFO", *WORKER_OPTIONS.get(queue, ()))
-        hosts.start(host, f"worker-{host}", [sys.executable, "-m", *argv], env=broker.env())
+        name = f"worker-{host}" if first.get(host) == queue else f"worker-{host}-{queue}"
+        hosts.start(host, name, [sys.executable, "-m", *argv], env=broker.env())
         nodes.append(f"{WORKER_NAMES[queue]}@{host}")
     if beat_host:
         hosts.celery(beat_host, "beat", "beat", "-s", str(hosts.run_dir / "celerybeat-schedule"),

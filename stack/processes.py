@@ -1,5 +1,6 @@
 """Real OS processes: the worker command line, process groups with a log each, waiting for
-workers to answer, and the multi-process stack of run_demo.py (a worker per queue, beat, Flower).
+workers to answer, and the multi-process stack of run_demo.py (a worker per queue, beat, Flower,
+web.py).
 """
 import os
 import signal
@@ -14,7 +15,7 @@ from .services import HERE
 
 # Short node names per queue: `celery -A tasks worker -Q slow_queue -n slow@%h`
 WORKER_NAMES = {"celery": "default", "fast_queue": "fast", "slow_queue": "slow",
-                "network_queue": "network"}
+                "network_queue": "network", "priority_queue": "priority"}
 # fast_queue carries many tiny tasks: a deep prefetch is worth 10x there (see benchmark.py);
 # the other queues keep celeryconfig's prefetch of 1, fair for long tasks and for priorities.
 WORKER_OPTIONS = {"fast_queue": ("--prefetch-multiplier", "64")}
@@ -227,6 +228,13 @@ def start_stack(processes, queues=tuple(WORKER_NAMES), beat=True, flower_port=No
         processes.celery("flower", "flower", "--address=127.0.0.1", f"--port={flower_port}",
                          env={"FLOWER_UNAUTHENTICATED_API": "true"})
     return nodes
+
+
+def start_web(processes, port, host="127.0.0.1"):
+    """Start web.py (the page that starts, watches and cancels slow_task); return its URL."""
+    processes.start("web", [sys.executable, str(HERE / "web.py"), "--host", host,
+                            "--port", str(port)])
+    return f"http://{host}:{port}/"
 
 
 def wait_for_port(host, port, timeout):

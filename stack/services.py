@@ -4,6 +4,7 @@ Owns: the default URLs, ServiceUnavailable and MissingDriver, check_driver / che
 login_refused: the fix for a refused login) / check_backend / check_services / reachable, and
 forget_pending_results (a client's clean exit from a Redis result backend).
 """
+import re
 import importlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -125,6 +126,28 @@ def login_refused(url, exc):
                 f"{create}")
     return (f"the broker at {mask(url)} refused the login of {user!r} (ACCESS_REFUSED): wrong "
             f"user name or password, or the user does not exist; {create}")
+
+
+def queue_conflict(text):
+    """The fix for RabbitMQ's "inequivalent arg" refusal found in ``text``, else None.
+
+    RabbitMQ refuses to declare an existing queue with other arguments (PRECONDITION_FAILED).
+    Both ways happen: a queue an older version of the demo declared with x-max-priority (now
+    only priority_queue has it), or priority_queue declared without it by another client.
+    """
+    found = re.search(r"inequivalent arg '([^']+)' for queue '([^']+)' in vhost '([^']*)': "
+                      r"received (none|the value '[^']*') .*?but current is (none|the value '[^']*')",
+                      text)
+    if not found:
+        return None
+    arg, queue, vhost, wanted, current = (part.replace("the value ", "") for part in found.groups())
+    older = ("an older version of this demo declared it" if wanted == "none" else
+             "a client with other settings declared it")
+    where = "" if vhost == "/" else f" -p {vhost}"
+    return (f"RabbitMQ already has queue {queue!r} with {arg} {current}, and this project "
+            f"declares it with {wanted} ({older}): delete it, which drops the messages in it, "
+            f"with `rabbitmqctl delete_queue{where} {queue}`, then start again "
+            f"(docs/troubleshooting.md)")
 
 
 def check_backend(url, timeout=3.0):

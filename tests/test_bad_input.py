@@ -159,36 +159,52 @@ def test_a_pickle_message_is_refused_and_the_worker_goes_on(served):
     served.still_serves()
 
 
-def test_a_queue_declared_with_other_arguments_stops_the_worker_until_deleted(stack_env,
-                                                                            tmp_path):
-    """As after running an older version of the demo: `celery` exists without x-max-priority."""
+OLDER_CELERY = ("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'celery' in "
+                "vhost '{vhost}': received none but current is the value '10' of type 'signedint'")
+PLAIN_PRIORITY = ("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue "
+                  "'priority_queue' in vhost '{vhost}': received the value '10' of type "
+                  "'signedint' but current is none")
+
+
+@pytest.mark.parametrize("queue, arguments, refusal", [
+    ("celery", {"x-max-priority": 10}, OLDER_CELERY),  # as an older version of the demo left it
+    ("priority_queue", None, PLAIN_PRIORITY),            # as a client with default settings would
+], ids=["celery-with-priorities", "priority_queue-without"])
+def test_a_queue_declared_with_other_arguments_stops_the_worker_until_deleted(
+        stack_env, tmp_path, queue, arguments, refusal):
     stack_env.only_rabbit("x-max-priority and PRECONDITION_FAILED are RabbitMQ's")
     app = client_app(stack_env)
     with app.connection_for_write() as conn:
-        Queue("celery", Exchange("celery", "direct"), routing_key="celery")(
-            conn.default_channel).declare()
+        Queue(queue, Exchange(queue, "direct"), routing_key=queue,
+              queue_arguments=arguments)(conn.default_channel).declare()
     procs = stack.Processes(tmp_path, stack_env)
     try:
         started = time.monotonic()
-        code = start_worker(procs, "old", "celery").wait(timeout=60)
+        code = start_worker(procs, "old", queue).wait(timeout=60)
         failed_in = time.monotonic() - started
         log = (tmp_path / "old.log").read_text(errors="replace")
         assert code != 0
-        assert ("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'celery' in "
-                f"vhost '{stack_env.vhost}': received the value '10' of type 'signedint' but "
-                "current is none") in log
+        assert refusal.format(vhost=stack_env.vhost) in log
+        # what run_demo.py prints: the queue, and the command that deletes it in this vhost
+        hint = stack.queue_conflict(log)
+        assert f"`rabbitmqctl delete_queue -p {stack_env.vhost} {queue}`" in hint
+        assert "drops the messages" in hint
 
         # The fix: delete the old queue (its messages go with it), then start again
-        stack_env.admin.delete_queue(stack_env.vhost, "celery")
+        stack_env.admin.delete_queue(stack_env.vhost, queue)
         started = time.monotonic()
-        start_worker(procs, "new", "celery")
+        start_worker(procs, "new", queue)
         stack.wait_for_workers(app, [f"new@{HOST}"], 30)  # ("old" has exited: not procs)
         recovered_in = time.monotonic() - started
-        assert app.send_task("tasks.add", (1, 2)).get(timeout=20) == 3
+        if queue == "priority_queue":  # routed there by celeryconfig.task_routes
+            assert app.send_task("tasks.priority_task", ("after",)).get(timeout=20)["label"] \
+                == "after"
+        else:
+            assert app.send_task("tasks.add", (1, 2)).get(timeout=20) == 3
     finally:
         procs.stop_all()
         app.close()
-    print(f"\ninequivalent queue: worker exit code {code} after {failed_in:.1f}s; after "
+    print(f"\ninequivalent {queue}: worker exit code {code} after {failed_in:.1f}s; after "
           f"delete_queue a worker was ready in {recovered_in:.1f}s")
 
 

@@ -48,11 +48,23 @@ def test_defaults_point_at_local_rabbitmq_and_redis():
     assert out.stdout.split() == [stack.DEFAULT_BROKER, stack.DEFAULT_BACKEND]
 
 
-def test_every_queue_is_declared_with_a_priority_range():
+def test_queues_are_celerys_defaults_but_priority_queue_has_a_priority_range():
+    """A client with Celery's default settings declares a queue it sends to as Celery creates
+    a missing one (a direct exchange of the queue's name, no arguments): ours are the same, so
+    RabbitMQ lets both declare them. Only priority_queue has arguments."""
     import celeryconfig
+    from celery import Celery
     assert [q.name for q in celeryconfig.task_queues] == list(celeryconfig.QUEUE_NAMES)
+    defaults = Celery(set_as_current=False).amqp.queues  # creates a queue it is asked for
     for queue in celeryconfig.task_queues:
-        assert queue.queue_arguments == {"x-max-priority": celeryconfig.MAX_PRIORITY}
+        if queue.name == "priority_queue":
+            assert queue.queue_arguments == {"x-max-priority": celeryconfig.MAX_PRIORITY}
+            continue
+        default = defaults[queue.name]
+        assert not queue.queue_arguments and default.queue_arguments is None, queue
+        assert (queue.exchange.name, queue.exchange.type, queue.routing_key) == (
+            default.exchange.name, default.exchange.type, default.routing_key)
+    assert celeryconfig.task_routes["tasks.priority_task"] == {"queue": "priority_queue"}
     routed = {route["queue"] for route in celeryconfig.task_routes.values()}
     assert routed <= set(celeryconfig.QUEUE_NAMES)
 

@@ -26,7 +26,7 @@ import stack
 from helpers import FENCE, ROOT, run, structure, without_comments
 
 JOURNEY = re.compile(r"<!-- journey: (background|run|env)(?: (\S+))? -->\n```bash\n(.*?)```", re.S)
-NODES = ["default", "fast", "slow", "network"]
+NODES = [stack.WORKER_NAMES[queue] for queue in celeryconfig.QUEUE_NAMES]
 
 
 def read(name):
@@ -68,8 +68,7 @@ def test_readme_journey_runs_as_written(variant, request, tmp_path):
     the project where no folder of the embedded stack exists yet."""
     steps = journey(read("README.md"))
     names = [name for kind, name, _ in steps if kind == "background"]
-    assert names == ["worker-default", "worker-fast", "worker-slow", "worker-network", "beat",
-                     "flower"]
+    assert names == [f"worker-{node}" for node in NODES] + ["beat", "flower", "web"]
     # As a user with the venv activated: `celery` and `python` are the venv's.
     path = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if variant == "embedded":
@@ -79,7 +78,7 @@ def test_readme_journey_runs_as_written(variant, request, tmp_path):
         assert exports.count("export ") == 2
     else:
         env, cwd, exports = {**request.getfixturevalue("stack_env"), **path}, ROOT, ""
-    port = stack.free_port(0)
+    port, web_port = stack.free_port(0), stack.free_port(0)
     typed = lambda command: f"{exports}; {command}" if exports else command  # noqa: E731
     processes = stack.Processes(tmp_path / "logs", env, cwd=cwd)
     host = os.uname().nodename
@@ -88,7 +87,9 @@ def test_readme_journey_runs_as_written(variant, request, tmp_path):
         for kind, name, commands in steps:
             if kind == "env":
                 continue
-            commands = [c.replace("--port=5555", f"--port={port}") for c in commands]
+            commands = [c.replace("--port=5555", f"--port={port}")
+                        .replace("python web.py", f"python web.py --port {web_port}")
+                        for c in commands]
             if kind == "background":
                 for command in commands:
                     processes.start(name, ["bash", "-c", typed(command)])
@@ -97,24 +98,31 @@ def test_readme_journey_runs_as_written(variant, request, tmp_path):
                 pinged = lambda: shell(typed("celery -A tasks inspect ping"),  # noqa: E731
                                        env, 30, cwd).stdout
                 stack.eventually(lambda: all(f"{n}@{host}: OK" in pinged() for n in NODES),
-                                 "the four workers to answer a ping", 90, interval=0.5)
+                                 "every worker to answer a ping", 90, interval=0.5)
                 ready = True
             for command in commands:
                 out = shell(typed(command), env, cwd=cwd)
                 assert out.returncode == 0, f"`{command}` failed:\n{out.stdout}\n{out.stderr}"
                 if "active_queues" in command:
-                    for queue in ("celery", "fast_queue", "slow_queue", "network_queue"):
+                    for queue in celeryconfig.QUEUE_NAMES:
                         assert f"'name': '{queue}'" in out.stdout
                 if "client_fixed.py" in command:
                     assert "failed" not in out.stdout.lower() or " 0 failed" in out.stdout
                 if command.startswith("celery -A tasks result"):
                     assert out.stdout.strip() == "5", out.output
         assert not processes.exited(), processes.exited()
-        # Flower, as the README says: the dashboard lists the four workers.
+        # Flower, as the README says: the dashboard lists every worker.
         page = requests.get(f"http://127.0.0.1:{port}/workers", timeout=5)
         assert page.status_code == 200
         for node in NODES:
             assert f"{node}@{host}" in page.text
+        # web.py, as the README says: its page, and its API starting a task the workers run
+        web = f"http://127.0.0.1:{web_port}"
+        assert "slow_task" in requests.get(f"{web}/", timeout=5).text
+        started = requests.post(f"{web}/api/slow_task", json={"duration": 1}, timeout=15).json()
+        stack.eventually(lambda: requests.get(f"{web}/api/tasks/{started['id']}",
+                                              timeout=15).json()["state"] == "SUCCESS",
+                         "the web page's task to succeed", 20)
         if variant == "embedded":  # the folders the exports name, made by the stack itself
             assert (cwd / "celery-fs" / "messages").is_dir()
             assert any((cwd / "celery-results").iterdir())

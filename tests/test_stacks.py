@@ -21,6 +21,7 @@ import pytest
 from helpers import (ROOT, alive_in_groups, environment as clean_env, finish, require_postgres,
                      require_rabbit, start)
 
+import celeryconfig
 import demos
 import stack
 
@@ -167,9 +168,8 @@ def test_sqs_has_no_flower_and_the_runs_queues_carry_its_prefix(runs):
     assert "waiting for their ready line in their logs" in output  # no ping on SQS
     url, prefix = env["CELERY_BROKER_URL"], env["CELERY_BROKER_PREFIX"]
     names = sorted(queue.rsplit("/", 1)[1] for queue in stack.sqs_queues(url, prefix))
-    assert names == sorted(prefix + q for q in ("celery", "fast_queue", "slow_queue",
-                                                "network_queue"))
-    assert stack.delete_sqs_queues(url, prefix) == 4
+    assert names == sorted(prefix + q for q in celeryconfig.QUEUE_NAMES)
+    assert stack.delete_sqs_queues(url, prefix) == len(celeryconfig.QUEUE_NAMES)
     assert stack.sqs_queues(url, prefix) == []
 
 

@@ -1,0 +1,71 @@
+"""Other applications call the workers: a Celery app with Celery's default settings that sends
+by name from another folder, and celery-node (a Node.js client of Celery's protocol), on
+RabbitMQ and on Redis, with the commands of docs/other-applications.md run as written.
+
+    pytest tests/test_other_applications.py
+
+The workers are the ones run_demo.py and the README start (`celery` and `slow_queue` here),
+on a throw-away vhost or Redis key prefix.
+"""
+import re
+import shutil
+from contextlib import ExitStack
+
+import pytest
+
+import stack
+from conftest import ROOT, client_app, require_rabbit, run, skip, throwaway_stack
+
+MARKER = re.compile(r"<!-- other-apps: (\w+) -->\n```bash\n(.*?)```", re.S)
+
+
+def documented(kind):
+    """The commands of docs/other-applications.md marked ``<!-- other-apps: KIND -->``."""
+    text = (ROOT / "docs" / "other-applications.md").read_text(encoding="utf-8")
+    return [line for found, body in MARKER.findall(text) if found == kind
+            for line in body.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module", params=["rabbitmq", "redis"])
+def workers(request, tmp_path_factory):
+    """The README's workers for `celery` and `slow_queue`, on RabbitMQ or on Redis."""
+    require_rabbit("RabbitMQ and Redis, the brokers a client of another kind must meet")
+    with ExitStack() as exits:
+        if request.param == "rabbitmq":
+            env = dict(exits.enter_context(throwaway_stack(tmp_path_factory.mktemp("stack"))))
+        else:  # broker keys and results under one prefix, deleted afterwards
+            prefix = exits.enter_context(stack.throwaway_redis_prefix())
+            env = {"CELERY_BROKER_URL": stack.BROKER_URLS["redis"],
+                   "CELERY_RESULT_BACKEND": stack.DEFAULT_BACKEND,
+                   "CELERY_BROKER_PREFIX": prefix, "CELERY_RESULT_KEYPREFIX": prefix}
+        processes = stack.Processes(tmp_path_factory.mktemp("workers"), env=env)
+        exits.callback(processes.stop_all)
+        app = client_app(env)
+        exits.callback(app.close)
+        nodes = stack.start_stack(processes, queues=("celery", "slow_queue"), beat=False)
+        stack.wait_for_workers(app, nodes, 60, processes)
+        yield env
+
+
+def test_a_default_celery_app_in_another_folder_gets_5(workers, tmp_path):
+    """The chapter's command, run where there is no tasks.py and no celeryconfig.py."""
+    (tmp_path / "examples" / "python").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "python" / "add.py", tmp_path / "examples" / "python")
+    for command in documented("python"):
+        done = run(["bash", "-c", command], env=workers, cwd=tmp_path, timeout=60)
+        assert done.returncode == 0, done.output[-2000:]
+        assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
+
+
+def test_celery_node_from_npm_gets_5(workers, tmp_path):
+    """`npm ci` installs the pinned celery-node; its script sends tasks.add by name."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        skip("Node.js and npm are not installed (apt-get install nodejs npm)")
+    (tmp_path / "examples").mkdir()
+    shutil.copytree(ROOT / "examples" / "node", tmp_path / "examples" / "node",
+                    ignore=shutil.ignore_patterns("node_modules"))
+    for command in documented("node"):
+        done = run(["bash", "-c", command], env=workers, cwd=tmp_path, timeout=180)
+        assert done.returncode == 0, done.output[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
+

@@ -1,0 +1,264 @@
+"""web.py against real workers: its JSON API, its answers to bad input and to services that do
+not answer, `run_demo.py --web`, and the page itself in headless Chromium.
+
+    pytest tests/test_web.py
+
+The workers are prefork processes for `celery` and `slow_queue`, as run_demo.py starts them
+(revoke with terminate needs prefork), on a throw-away vhost or the embedded stack.
+"""
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+import stack
+from conftest import client_app, environment, print_logs_if_failed, skip
+from test_run_demo import alive_in_groups, start
+
+
+class Web:
+    """web.py on a free port, with the processes it runs next to."""
+
+    def __init__(self, processes, env):
+        self.port = stack.free_port(0)
+        self.url = stack.start_web(processes, self.port)
+        self.env = env
+        assert stack.wait_for_port("127.0.0.1", self.port, 30), processes.log_tail("web")
+
+    def call(self, method, path, **kwargs):
+        return requests.request(method, self.url.rstrip("/") + path, timeout=30, **kwargs)
+
+    def start(self, duration):
+        answer = self.call("POST", "/api/slow_task", json={"duration": duration})
+        assert answer.status_code == 202, answer.text
+        return answer.json()["id"]
+
+    def until(self, task_id, wanted, timeout):
+        """The task's GET answers until its state is in ``wanted``; returns all of them."""
+        seen = []
+
+        def reached():
+            seen.append(self.call("GET", f"/api/tasks/{task_id}").json())
+            return seen[-1]["state"] in wanted
+        stack.eventually(reached, f"task {task_id} in {wanted} (seen {seen[-3:]})", timeout,
+                         interval=0.2)
+        return seen
+
+
+@pytest.fixture(scope="module")
+def web(module_env, tmp_path_factory, request):
+    processes = stack.Processes(tmp_path_factory.mktemp("web"), env=module_env)
+    app = client_app(module_env)
+    failed_before = request.session.testsfailed
+    try:
+        nodes = stack.start_stack(processes, queues=("celery", "slow_queue"), beat=False)
+        stack.wait_for_workers(app, nodes, 60, processes)
+        yield Web(processes, module_env)
+    finally:
+        print_logs_if_failed(request, failed_before, processes)
+        processes.stop_all()
+        app.close()
+
+
+def test_post_starts_slow_task_and_get_shows_progress_then_the_result(web):
+    task_id = web.start(3)
+    seen = web.until(task_id, {"SUCCESS"}, 30)
+    progress = [s for s in seen if s["state"] == "PROGRESS"]
+    assert progress and all(s["total"] == 3 and 1 <= s["current"] <= 3 for s in progress), seen
+    assert any(s["current"] < 3 for s in progress), seen  # it advanced, not jumped to the end
+    done = seen[-1]
+    assert done["id"] == task_id and done["current"] == done["total"] == 3
+    assert done["result"]["steps"] == 3
+    assert set(done) == {"id", "state", "current", "total", "result"}
+
+
+def test_delete_terminates_a_running_task_which_ends_revoked(web):
+    task_id = web.start(60)
+    web.until(task_id, {"PROGRESS"}, 20)
+    answer = web.call("DELETE", f"/api/tasks/{task_id}")
+    assert answer.status_code == 202, answer.text
+    started = time.monotonic()
+    web.until(task_id, {"REVOKED"}, 15)
+    assert time.monotonic() - started < 15  # not 60 s: the task was terminated
+    again = web.call("DELETE", f"/api/tasks/{task_id}")
+    assert again.status_code == 409 and "already ended: REVOKED" in again.json()["error"]
+
+
+def test_several_tasks_run_at_a_time(web):
+    ids = [web.start(2) for _ in range(2)]
+    for task_id in ids:
+        assert web.until(task_id, {"SUCCESS"}, 30)[-1]["result"]["steps"] == 2
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"duration": -1}, "duration must be a whole number of seconds from 1 to 600, not -1"),
+    ({"duration": 0}, "not 0"),
+    ({"duration": "abc"}, "not 'abc'"),
+    ({"duration": True}, "not True"),
+    ({"duration": 2.5}, "not 2.5"),
+    ({"duration": 601}, "not 601"),
+    ({}, 'send a JSON object such as {"duration": 5}'),
+    ([5], 'send a JSON object such as {"duration": 5}'),
+])
+def test_a_duration_that_is_not_a_positive_number_gets_400_saying_so(web, body, says):
+    answer = web.call("POST", "/api/slow_task", json=body)
+    assert answer.status_code == 400 and says in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_malformed_task_id_gets_400_saying_so(web, method):
+    answer = web.call(method, "/api/tasks/not-a-task-id")
+    assert answer.status_code == 400, answer.text
+    assert "'not-a-task-id' is not a task id (a UUID" in answer.json()["error"]
+
+
+def test_an_unknown_task_id_is_pending_as_celery_says(web):
+    task_id = str(uuid.uuid4())
+    answer = web.call("GET", f"/api/tasks/{task_id}").json()
+    assert answer == {"id": task_id, "state": "PENDING", "current": 0, "total": None,
+                      "result": None}
+
+
+# --- Services that do not answer: 503 naming the service, in seconds ---------------------------
+@pytest.fixture
+def web_without(tmp_path, request):
+    """web.py with the given broker / result backend URLs (that nothing answers)."""
+    started = []
+
+    def start(**env):
+        processes = stack.Processes(tmp_path / f"web-{len(started)}",
+                                    env={**stack.embedded_env(tmp_path), **env})
+        started.append(processes)
+        return Web(processes, env)
+    failed_before = request.session.testsfailed
+    yield start
+    for processes in started:
+        print_logs_if_failed(request, failed_before, processes)
+        processes.stop_all()
+
+
+def test_a_broker_that_does_not_answer_gets_503_naming_it_in_seconds(web_without):
+    web = web_without(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
+    started = time.monotonic()
+    answer = web.call("POST", "/api/slow_task", json={"duration": 1})
+    took = time.monotonic() - started
+    assert answer.status_code == 503, answer.text
+    assert "the broker at amqp://guest:**@127.0.0.1:1//" in answer.json()["error"]
+    assert took < 15, f"{took:.1f}s"
+    print(f"\nno broker: 503 after {took:.1f}s: {answer.json()['error']}")
+
+
+def test_a_result_backend_that_does_not_answer_gets_503_naming_it_in_seconds(web_without):
+    web = web_without(CELERY_RESULT_BACKEND="redis://127.0.0.1:1/0")
+    started = time.monotonic()
+    answer = web.call("GET", f"/api/tasks/{uuid.uuid4()}")
+    took = time.monotonic() - started
+    assert answer.status_code == 503, answer.text
+    assert "the result backend (Redis) at redis://127.0.0.1:1/0" in answer.json()["error"]
+    assert took < 15, f"{took:.1f}s"
+    print(f"\nno result backend: 503 after {took:.1f}s: {answer.json()['error']}")
+
+
+# --- The page in a real browser: headless Chromium from the distribution ------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# What works as root, in a container, with no network but the page's: no sandbox (root), no
+# GPU, and none of the background calls a first start makes (updates, sync, QUIC).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=900,640")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        skip("no headless Chromium: `apt-get install chromium chromium-driver` (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    driver.set_script_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # also ends chromedriver and every Chromium process it started
+
+
+def test_the_page_starts_a_task_shows_its_bar_reach_100_and_cancels_another(web, browser,
+                                                                           tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def start(duration):
+        field = browser.find_element(By.ID, "duration")
+        field.clear()
+        field.send_keys(str(duration))
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".task"))
+        browser.find_element(By.ID, "start-button").click()
+        WebDriverWait(browser, 10).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, ".task")) > before)
+        return browser.find_elements(By.CSS_SELECTOR, ".task")[0]  # the newest is first
+
+    def text(row, selector):
+        return row.find_element(By.CSS_SELECTOR, selector).text
+
+    browser.get(web.url)
+    assert "slow_task" in browser.title
+    row = start(4)
+    counts = set()
+
+    def finished(_):
+        counts.add(text(row, ".count"))
+        return text(row, ".state") == "SUCCESS"
+    WebDriverWait(browser, 30, poll_frequency=0.1).until(finished)
+    assert any(c.startswith(("1 of 4", "2 of 4", "3 of 4")) for c in counts), counts  # advanced
+    assert text(row, ".count") == "4 of 4 (100 %)"
+    assert row.find_element(By.CSS_SELECTOR, ".fill").get_attribute("style") == "width: 100%;"
+    assert '"steps":4' in text(row, ".result")
+
+    other = start(60)
+    WebDriverWait(browser, 20).until(lambda _: text(other, ".state") == "PROGRESS")
+    browser.save_screenshot(str(tmp_path / "web.png"))  # what docs/web.png shows
+    other.find_element(By.CSS_SELECTOR, ".cancel").click()
+    WebDriverWait(browser, 15).until(lambda _: text(other, ".state") == "REVOKED")
+    assert not browser.find_element(By.ID, "error").text
+
+
+def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_path):
+    """`python run_demo.py --web --keep-running` on the stack that needs nothing installed."""
+    run_dir = tmp_path / "run"
+    proc = start(["--broker", "embedded", "--web", "--keep-running", "--only", "basic",
+                  "--run-dir", str(run_dir)], environment(), cwd=tmp_path)
+    lines, up = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "the stack keeps running" in line:
+                up.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert up.wait(120), "".join(lines)[-3000:]
+        url = re.search(r"web page \(web\.py\): (http://127\.0\.0\.1:\d+/)", "".join(lines))
+        assert url, "".join(lines)[-3000:]
+        assert "slow_task" in requests.get(url.group(1), timeout=10).text
+        task = requests.post(url.group(1) + "api/slow_task", json={"duration": 2},
+                             timeout=15).json()["id"]
+        stack.eventually(lambda: requests.get(f"{url.group(1)}api/tasks/{task}", timeout=15)
+                         .json()["state"] == "SUCCESS", "slow_task(2) to succeed", 30)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the line it printed says
+        proc.wait(timeout=40)
+        reader.join(10)
+    output = "".join(lines)
+    assert "nothing left running" in output, output[-3000:]
+    assert alive_in_groups(run_dir, proc.pid) == []

@@ -1,0 +1,122 @@
+"""A web page that calls the workers: start slow_task, watch its progress, cancel it.
+
+    python web.py                            # http://127.0.0.1:8000 (--host, --port)
+    python run_demo.py --web --keep-running  # the same, with the whole stack started for you
+
+The page (static/index.html) uses a JSON API that any other program may call too:
+
+    POST   /api/slow_task   {"duration": 5}  -> 202 {"id": "..."}
+    GET    /api/tasks/ID                     -> {"id", "state", "current", "total", "result"}
+    DELETE /api/tasks/ID                     -> 202: revoked with terminate; the state becomes REVOKED
+                                                (409 if it had already ended)
+
+Bad input is a 400 with a message saying what is wrong. A broker or result backend that does not
+answer is a 503 naming it, within the client deadlines of celeryconfig.py (a few seconds), never
+a hang. Flask, because it is small, well kept, and already installed here (moto's server needs
+it); the page polls the API every half second, which needs nothing from the server but JSON.
+"""
+import argparse
+import re
+
+from celery.result import AsyncResult
+from flask import Flask, jsonify, request
+
+import stack
+import tasks
+
+web = Flask(__name__, static_folder="static", static_url_path="/static")
+TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAX_DURATION = 600  # seconds: a page is not the place for longer work
+
+
+class BadRequest(ValueError):
+    """The caller's mistake: answered 400 with this message."""
+
+
+@web.errorhandler(BadRequest)
+def bad_request(exc):
+    return jsonify(error=str(exc)), 400
+
+
+@web.errorhandler(Exception)
+def service_failed(exc):
+    """A broker or result backend that did not answer: 503 naming it, else a plain 500."""
+    if getattr(exc, "code", None) and getattr(exc, "description", None):  # Flask's own 404, 405
+        return jsonify(error=exc.description), exc.code
+    fault = stack.queue_conflict(str(exc)) or stack.service_fault(exc, tasks.app)
+    if fault:
+        return jsonify(error=fault), 503
+    web.logger.exception("unexpected error")
+    return jsonify(error=f"{type(exc).__name__}: {exc}"), 500
+
+
+@web.get("/")
+def page():
+    return web.send_static_file("index.html")
+
+
+@web.post("/api/slow_task")
+def start_slow_task():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "duration" not in body:
+        raise BadRequest('send a JSON object such as {"duration": 5}')
+    duration = body["duration"]
+    if isinstance(duration, str) and duration.strip().isdigit():
+        duration = int(duration)  # what an HTML form sends
+    if isinstance(duration, bool) or not isinstance(duration, int) or \
+            not 1 <= duration <= MAX_DURATION:
+        raise BadRequest(f"duration must be a whole number of seconds from 1 to {MAX_DURATION}, "
+                         f"not {body['duration']!r}")
+    result = tasks.slow_task.delay(duration)
+    return jsonify(id=result.id), 202
+
+
+def task_result(task_id):
+    if not TASK_ID.fullmatch(task_id):
+        raise BadRequest(f"{task_id!r} is not a task id (a UUID such as "
+                         f"3f2c1a9e-0b7d-4c1e-9a55-2f0e6b1d8c47)")
+    return AsyncResult(task_id, app=tasks.app)
+
+
+@web.get("/api/tasks/<task_id>")
+def task_status(task_id):
+    result = task_result(task_id)
+    state, info = result.state, result.info  # two reads of the same stored record
+    current, total, value = (0 if state in ("PENDING", "STARTED") else None), None, None
+    if state == "PROGRESS" and isinstance(info, dict):
+        current, total = info.get("current"), info.get("total")
+    elif state == "SUCCESS":
+        value = info
+        current = total = info.get("steps") if isinstance(info, dict) else None
+    elif state in ("FAILURE", "REVOKED", "RETRY") and info is not None:
+        value = f"{type(info).__name__}: {info}" if isinstance(info, BaseException) else info
+    return jsonify(id=task_id, state=state, current=current, total=total, result=value)
+
+
+@web.delete("/api/tasks/<task_id>")
+def cancel_task(task_id):
+    result = task_result(task_id)
+    if result.state in ("SUCCESS", "FAILURE", "REVOKED"):
+        return jsonify(error=f"task {task_id} already ended: {result.state}"), 409
+    # terminate: a task already running is stopped (SIGTERM to its pool process, prefork only);
+    # one still waiting is dropped when a worker receives it. Either way it ends REVOKED.
+    result.revoke(terminate=True, signal="SIGTERM")
+    return jsonify(id=task_id, state="REVOKED"), 202
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="A web page that starts, watches and cancels "
+                                                 "slow_task on the demo's workers.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    args = parser.parse_args(argv)
+    print(f"web.py: http://{args.host}:{args.port}/ (broker {stack.mask(tasks.app.conf.broker_url)}"
+          f", results {stack.mask(str(tasks.app.conf.result_backend))}); Ctrl-C stops it",
+          flush=True)
+    # Flask's own server, threaded: enough for a demo. In production put the `web` object
+    # behind a WSGI server (gunicorn web:web).
+    web.run(host=args.host, port=args.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()
