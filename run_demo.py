@@ -80,13 +80,13 @@ def choose_services(args, run_dir, started):
             f"file://{run_dir / 'results'}" if kind == "file" else
             configured("CELERY_RESULT_BACKEND", kind, stack.BACKEND_URLS,
                        stack.capabilities.backend_kind))
-        if kind == "file":
-            (run_dir / "results").mkdir(exist_ok=True)
     if args.broker not in ("auto", "docker") or args.backend != "auto":
         # ServiceUnavailable / MissingDriver: the URL and how to fix it
         stack.check_services(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
         say(f"services: broker {stack.mask(env['CELERY_BROKER_URL'])} and result backend "
             f"{stack.mask(env['CELERY_RESULT_BACKEND'])} (both answer)")
+    if args.backend == "file":  # only now: a run that fails before starting leaves no folder
+        (run_dir / "results").mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -139,18 +139,16 @@ def choose_broker(mode, run_dir, started, with_postgres=False):
     return stack.embedded_env(run_dir)
 
 
-def make_run_dir(wanted):
+def run_dir_name(wanted):
+    """The run folder: --run-dir, else a free .run/<timestamp>. Not created here: the first
+    thing started creates it, so a run that fails before starting anything leaves none."""
     if wanted:
-        wanted.mkdir(parents=True, exist_ok=True)
         return wanted.resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for suffix in ("", *(f"-{n}" for n in range(1, 100))):
-        try:
-            (HERE / ".run" / (stamp + suffix)).mkdir(parents=True)
+        if not (HERE / ".run" / (stamp + suffix)).exists():
             return HERE / ".run" / (stamp + suffix)
-        except FileExistsError:
-            continue
-    raise RuntimeError("cannot create a run folder under .run/")
+    raise RuntimeError("cannot find a free run folder name under .run/")
 
 
 def write_pids(run_dir, started, client=None):
@@ -191,6 +189,7 @@ def run(args, run_dir, started):
         say(f"[yellow]Flower not started: {escape(offers.lacks('events'))}[/]")
         flower_port = None
     processes = started["processes"] = stack.Processes(run_dir)
+    say(f"logs in {run_dir}")
     t0 = time.monotonic()
     nodes = stack.start_stack(processes, flower_port=flower_port)
     write_pids(run_dir, started)
@@ -272,8 +271,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     begin = time.monotonic()
-    run_dir = make_run_dir(args.run_dir)
-    say(f"logs in {run_dir}")
+    run_dir = run_dir_name(args.run_dir)
     started, code = {}, 1
     try:
         code = run(args, run_dir, started)
@@ -296,7 +294,8 @@ def main():
         left = stop(started, interrupted=bool(received))
     verdict = "[green]every demo passed[/]" if code == 0 else f"[red]exit code {code}[/]"
     still = f"[red]still running: {', '.join(left)}[/]" if left else "nothing left running"
-    say(f"{verdict}; {time.monotonic() - begin:.1f}s in all; {still}; logs in {run_dir}")
+    logs = f"; logs in {run_dir}" if run_dir.exists() else ""
+    say(f"{verdict}; {time.monotonic() - begin:.1f}s in all; {still}{logs}")
     return code
 
 

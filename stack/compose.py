@@ -5,7 +5,8 @@ import shutil
 import subprocess
 
 from .processes import eventually
-from .services import HERE, ServiceUnavailable, mask, reachable
+from .services import (BACKEND_URLS, HERE, ServiceUnavailable, check_backend, check_broker,
+                       check_driver, mask)
 
 
 def docker_engine_available(timeout=5.0):
@@ -17,7 +18,7 @@ def docker_engine_available(timeout=5.0):
     except (subprocess.TimeoutExpired, OSError):
         return False
 
-# --- docker compose: RabbitMQ and Redis in containers -----------------------------------------
+# --- docker compose: RabbitMQ, Redis (and PostgreSQL) in containers ---------------------------
 COMPOSE_SERVICES = ("rabbitmq", "redis")
 
 
@@ -27,8 +28,17 @@ def compose(*args, timeout=120):
                           timeout=timeout)
 
 
-def compose_up(broker, backend, timeout=90.0, services=COMPOSE_SERVICES):
-    """`docker compose up -d rabbitmq redis`, then wait until both answer; raise otherwise."""
+def compose_up(broker, backend, timeout=90.0, services=COMPOSE_SERVICES,
+               postgres=BACKEND_URLS["postgresql"]):
+    """`docker compose up -d SERVICES`, then wait until the broker and the result backend
+    answer, and PostgreSQL at ``postgres`` too when it is one of the services; raise
+    ServiceUnavailable otherwise. A container is "started" long before its server accepts
+    connections (PostgreSQL's image even restarts its server once on a first start)."""
+    waits = [(check_broker, broker), (check_backend, backend)]
+    if "postgres" in services and postgres != backend:
+        waits.append((check_backend, postgres))
+    for check, url in waits:  # a missing driver is named now, not after the wait
+        check_driver(url, "broker" if check is check_broker else "result backend")
     command = f"docker compose up -d {' '.join(services)}"
     try:
         done = compose("up", "-d", *services, timeout=600)  # a first run pulls images
@@ -36,12 +46,25 @@ def compose_up(broker, backend, timeout=90.0, services=COMPOSE_SERVICES):
         raise ServiceUnavailable(f"`{command}` did not finish within 600s") from None
     if done.returncode:
         raise ServiceUnavailable(f"`{command}` failed: {(done.stderr or done.stdout).strip()}")
+    silent = []
+
+    def all_answer():
+        silent[:] = [url for check, url in waits if not _answers(check, url)]
+        return not silent
     try:
-        eventually(lambda: reachable(broker, backend), "the services answer", timeout, interval=1)
+        eventually(all_answer, "the services answer", timeout, interval=1)
     except TimeoutError:
         raise ServiceUnavailable(
-            f"the containers started but {mask(broker)} / {mask(backend)} did not answer "
+            f"the containers started but {' and '.join(map(mask, silent))} did not answer "
             f"within {timeout:.0f}s; see `docker compose logs {' '.join(services)}`") from None
+
+
+def _answers(check, url):
+    try:
+        check(url, timeout=2.0)
+        return True
+    except ServiceUnavailable:
+        return False
 
 
 def compose_stop(services=COMPOSE_SERVICES):

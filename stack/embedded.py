@@ -3,6 +3,7 @@ processes (run_demo.py --broker embedded), and in-process workers and beat (comp
 the tests).
 """
 import os
+import re
 import socket
 import time
 import uuid
@@ -27,7 +28,38 @@ def embedded_env(run_dir):
             "CELERY_RESULT_BACKEND": f"file://{root / 'results'}"}
 
 
+# A worker's mailbox (NODE.celery.pidbox), a client's replies (ID.reply.celery.pidbox), an
+# event receiver's queue (celeryev.ID): queues of one process, useless once it has gone.
+TRANSIENT_QUEUE = re.compile(r"\.pidbox$|^celeryev\.")
+
+
 class _WholeMessageChannel(filesystem.Channel):
+    # A transient queue whose oldest message has waited this long has no consumer left (a
+    # worker that was killed): its binding is dropped and its messages deleted. A live worker
+    # reads its mailbox within a polling interval, unless its solo pool is busy with one task.
+    stale_after = 300.0
+    from_transport_options = (*filesystem.Channel.from_transport_options, "stale_after")
+    _swept_at = 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.auto_delete_queues = set()
+
+    def _new_queue(self, queue, auto_delete=False, **kwargs):
+        if auto_delete:
+            self.auto_delete_queues.add(queue)
+
+    def close(self):
+        # As kombu's Redis transport does: a process that ends cleanly deletes its auto-delete
+        # queues (a worker's mailbox, a client's replies), so broadcasts stop going to them.
+        if not self.closed:
+            for queue in self.auto_delete_queues:
+                try:
+                    self.queue_delete(queue)  # kombu's _delete: unbind, delete its messages
+                except (OSError, ChannelError):  # the folders may be gone already
+                    pass
+        super().close()
+
     def get_table(self, exchange):
         try:
             with self._exchange_file(exchange).open("rb") as table:
@@ -35,7 +67,27 @@ class _WholeMessageChannel(filesystem.Channel):
                 data = table.read()
         except FileNotFoundError:
             return []
-        return [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+        entries = [filesystem.exchange_queue_t(*q) for q in loads(data)] if data else []
+        stale = self._stale_queues({entry.queue for entry in entries})
+        for entry in (e for e in entries if e.queue in stale):
+            super()._delete(entry.queue, exchange, entry.routing_key, entry.pattern)
+        return [entry for entry in entries if entry.queue not in stale]
+
+    def _stale_queues(self, queues):
+        """The transient ``queues`` whose oldest message is older than ``stale_after`` (looked
+        at once a minute at most: it lists the message folder)."""
+        transient = {q for q in queues if TRANSIENT_QUEUE.search(q)}
+        now = time.monotonic()
+        if not transient or now - self._swept_at < min(60.0, self.stale_after / 2):
+            return set()
+        self._swept_at = now
+        oldest = {}
+        for name in os.listdir(self.data_folder_in):
+            stamp, _, rest = name.partition("_")  # MONOTONIC-MS_UUID.QUEUE.msg, as kombu's
+            queue = rest.partition(".")[2].removesuffix(".msg")
+            if queue in transient and stamp.isdigit():
+                oldest[queue] = min(int(stamp) / 1000, oldest.get(queue, now))
+        return {q for q, stamp in oldest.items() if now - stamp > self.stale_after}
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
         # Open without truncating, then lock: two workers binding at the same moment would

@@ -62,3 +62,4 @@ def rabbit_env(stack_env):
     """A throw-away RabbitMQ vhost + Redis prefix: for tests about RabbitMQ itself."""
     stack_env.only_rabbit("this test is about RabbitMQ")
     return stack_env
+

@@ -338,3 +338,19 @@ def structure(text):
     prose = FENCE.sub("", text)
     levels = [len(m) for m in re.findall(r"^(#+) ", prose, re.M)]
     return levels, blocks, re.findall(r"<!-- journey: [^>]*-->", text)
+
+
+# --- A stand-in `docker` (no Docker engine on CI) ---------------------------------------------
+def fake_docker(tmp_path, compose_fails=False, running=()):
+    """A `docker` on PATH that logs its arguments: engine up, compose ok (or failing)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "docker-calls"
+    bin_dir.mkdir()
+    script = f'#!/bin/sh\necho "$@" >> {calls}\n'
+    if compose_fails:
+        script += ('if [ "$1 $2" = "compose up" ]; then echo "Error: port 5672 is already '
+                   'allocated" >&2; exit 1; fi\n')
+    if running:  # what `docker compose ps --status running --services` prints
+        script += f'if [ "$1 $2" = "compose ps" ]; then echo "{chr(10).join(running)}"; fi\n'
+    (bin_dir / "docker").write_text(script + "exit 0\n")
+    (bin_dir / "docker").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls

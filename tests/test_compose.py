@@ -14,11 +14,13 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import yaml
 from docker.utils.build import exclude_paths
 
-from helpers import ROOT, client_app, run, skip
+from helpers import ROOT, client_app, fake_docker, run, skip
 
 import celeryconfig
 import stack
@@ -303,6 +305,30 @@ def test_docker_compose_accepts_the_file_and_celery_gets_the_user_rabbitmq_creat
             environment = services[name]["environment"]
             assert environment["CELERY_BROKER_URL"] == f"amqp://{user}:{password}@rabbitmq:5672//", name
             assert environment["CELERY_RESULT_BACKEND"] == "redis://redis:6379/0", name
+
+
+# --- compose_up, with a stand-in docker ------------------------------------------------------
+def test_compose_up_waits_for_postgresql_when_it_starts_it(tmp_path, monkeypatch):
+    """The broker and the result backend answer at once (the embedded ones: no server needed);
+    a PostgreSQL that never answers holds compose_up only when postgres is among the services."""
+    path, calls = fake_docker(tmp_path)
+    monkeypatch.setenv("PATH", path)
+    env = stack.embedded_env(tmp_path)
+    broker, backend = env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        silent = f"db+postgresql+psycopg://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
+    stack.compose_up(broker, backend, timeout=5, postgres=silent)
+    started = time.monotonic()
+    with pytest.raises(stack.ServiceUnavailable) as raised:
+        stack.compose_up(broker, backend, timeout=3, postgres=silent,
+                         services=(*stack.COMPOSE_SERVICES, "postgres"))
+    assert time.monotonic() - started >= 3, "it gave up before its deadline"
+    message = str(raised.value)
+    assert stack.mask(silent) in message and stack.mask(backend) not in message, message
+    assert "docker compose logs rabbitmq redis postgres" in message
+    assert calls.read_text().splitlines() == ["compose up -d rabbitmq redis",
+                                              "compose up -d rabbitmq redis postgres"]
 
 
 # --- The healthchecks, run for real ---------------------------------------------------------

@@ -198,3 +198,30 @@ def test_every_link_between_pages_and_to_a_section_resolves():
                 if anchor not in {slug(h) for h in headings}:
                     broken.append(f"{page}: {target}#{anchor}: no such section")
     assert not broken, "\n".join(broken)
+
+
+def test_every_docs_page_links_back_to_the_readme():
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        readme = "README.zh-CN.md" if page.name.endswith(".zh-CN.md") else "README.md"
+        head = page.read_text(encoding="utf-8").split("\n## ")[0]
+        assert f"](../{readme})" in head, f"docs/{page.name} does not link back to {readme}"
+
+
+# One Chinese term per concept; the English word only in code, in names, or as a gloss right
+# after the term's first use: 工作进程（worker）.
+ENGLISH_TERMS = re.compile(r"\b(workers?|brokers?|clients?|late[- ]ack\w*|early[- ]ack\w*|"
+                           r"publisher confirms?|child(?:ren)?)\b", re.I)
+GLOSS = re.compile(r"（[^（）]*）")
+
+
+def test_chinese_prose_uses_one_term_per_concept():
+    found = []
+    for en_name, zh_name in PAIRS:
+        # code spans, links, markers and *UI labels* (Flower's *Workers* tab) are names
+        prose = re.sub(r"<!--.*?-->|``.*?``|`[^`\n]*`|\]\([^)]*\)|\*[A-Z][\w ]*\*", "",
+                       FENCE.sub("", read(zh_name)), flags=re.S)
+        for line in prose.splitlines():
+            for word in ENGLISH_TERMS.findall(GLOSS.sub("", line)):
+                found.append(f"{zh_name}: '{word}' in: {line.strip()[:80]}")
+    assert not found, "use 工作进程, 消息代理, 客户端, 延迟确认, 提前确认, 发布确认, 子进程:\n" + \
+        "\n".join(found)

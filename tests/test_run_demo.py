@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from helpers import ROOT, alive_in_groups, environment, finish, start
+from helpers import ROOT, alive_in_groups, environment, fake_docker, finish, start
 
 import demos
 import stack
@@ -117,21 +117,6 @@ def test_an_interrupted_run_stops_everything_within_seconds(tmp_path, how):
     assert alive_in_groups(run_dir, proc.pid) == []
 
 
-def fake_docker(tmp_path, compose_fails=False, running=()):
-    """A `docker` on PATH that logs its arguments: engine up, compose ok (or failing)."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "docker-calls"
-    bin_dir.mkdir()
-    script = f'#!/bin/sh\necho "$@" >> {calls}\n'
-    if compose_fails:
-        script += ('if [ "$1 $2" = "compose up" ]; then echo "Error: port 5672 is already '
-                   'allocated" >&2; exit 1; fi\n')
-    if running:  # what `docker compose ps --status running --services` prints
-        script += f'if [ "$1 $2" = "compose ps" ]; then echo "{chr(10).join(running)}"; fi\n'
-    (bin_dir / "docker").write_text(script + "exit 0\n")
-    (bin_dir / "docker").chmod(0o755)
-    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls
-
-
 def test_docker_mode_starts_the_compose_services_waits_for_them_and_stops_them(stack_env,
                                                                                tmp_path):
     """`docker` is a stand-in here (no engine on CI). On RabbitMQ the broker refuses this run
@@ -162,6 +147,21 @@ def test_docker_mode_starts_the_compose_services_waits_for_them_and_stops_them(s
         "compose stop rabbitmq redis"]
     assert "`docker compose up -d rabbitmq redis`" in output
     assert alive_in_groups(run_dir, proc.pid) == []
+
+
+def test_a_run_that_fails_before_starting_anything_leaves_no_run_folder(tmp_path):
+    """A copy of run_demo.py in tmp_path makes its .run/<timestamp> there (its own folder),
+    not in this checkout, where other runs may make theirs at the same time."""
+    script = tmp_path / "run_demo.py"
+    script.write_text((ROOT / "run_demo.py").read_text())
+    env = environment(PYTHONPATH=str(ROOT), CELERY_BROKER_URL=DEAD_BROKER)
+    for args in (["--broker", "rabbitmq"], ["--broker", "rabbitmq", "--backend", "file"]):
+        proc = start(args, env, cwd=tmp_path, command=(sys.executable, str(script)))
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2, output
+        assert "cannot reach the broker at amqp://guest:**@127.0.0.1:1//" in output, output
+        assert not (tmp_path / ".run").exists(), list((tmp_path / ".run").rglob("*"))
+        assert "logs in" not in output, output
 
 
 def test_docker_mode_reports_a_failing_compose_in_seconds(tmp_path):
