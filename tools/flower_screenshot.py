@@ -77,7 +77,7 @@ def main():
     stack.check_backend(backend)
     with ExitStack() as cleanup:
         run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="flower-shot-"))
-        isolated = stack.rabbitmqctl_usable() and base.startswith(("amqp://", "pyamqp://"))
+        isolated = stack.rabbitmqctl_usable() and stack.capabilities.is_kind(base, "rabbitmq")
         broker = cleanup.enter_context(stack.throwaway_vhost(base) if isolated
                                        else nullcontext(base))
         prefix = cleanup.enter_context(stack.throwaway_redis_prefix(backend))
