@@ -147,12 +147,16 @@ def test_a_frozen_sqs_endpoint_is_named_with_aws_sqs(frozen, tmp_path):
         url = stack.start_local_sqs(server)
         proxy = frozen(int(url.rsplit(":", 1)[1]))
         broker = proxy.rewrite(url)
-        app = client_app({"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": "rpc://",
+        (tmp_path / "results").mkdir()  # results elsewhere: this is about SQS
+        app = client_app({"CELERY_BROKER_URL": broker,
+                          "CELERY_RESULT_BACKEND": f"file://{tmp_path / 'results'}",
                           "CELERY_BROKER_PREFIX": f"diagnosis-{uuid.uuid4().hex[:6]}-"})
         frozen.apps.append(app)
         send(app)
         proxy.freeze()
-        message = fault_of(app, lambda: send(app))
+        # about 2 minutes here: each of the 3 publish attempts (task_publish_retry_policy)
+        # re-lists the queues and sends, each read timing out twice (client-config: 10 s, 2)
+        message = fault_of(app, lambda: send(app), within=180)
     finally:
         server.stop_all(grace=5)
     assert message.startswith(f"the broker at {stack.mask(broker)}"), message
