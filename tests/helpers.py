@@ -316,8 +316,8 @@ def finish(proc, timeout):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{proc.args[1] if len(proc.args) > 1 else proc.args[0]} still running "
-                    f"after {timeout}s:\n{output[-4000:]}")
+        name = next((Path(a).name for a in proc.args if str(a).endswith(".py")), proc.args[0])
+        pytest.fail(f"{name} still running after {timeout}s:\n{output[-4000:]}")
     return output
 
 
