@@ -98,7 +98,7 @@ def main(argv=None):
         import celeryconfig
         importlib.reload(celeryconfig)  # it read the environment before isolate() changed it
         broker, backend = os.environ["CELERY_BROKER_URL"], os.environ["CELERY_RESULT_BACKEND"]
-        embedded = broker.startswith("filesystem://")
+        embedded = stack.capabilities.is_kind(broker, "embedded")
         run = Run(where["queue"], token, run_dir, args.timeout, 4.0 if embedded else 1.0)
         if embedded:  # each round trip waits for the transport's 0.1 s polling: fewer of them
             args.samples = max(10, args.samples // 10)

@@ -114,7 +114,10 @@ if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
 # into one list per step of `priority_steps`: priorities 1-3 share a list, and so on.
 if broker_url.startswith(("redis://", "rediss://")):
     broker_transport_options = {"visibility_timeout": 3600, "priority_steps": [0, 3, 6, 9],
-                                "queue_order_strategy": "priority"}
+                                "queue_order_strategy": "priority",
+                                # one Redis command, as for the results below: without it a
+                                # publish to a frozen Redis waits forever (tests/test_diagnosis.py)
+                                "socket_timeout": 5}
     if os.environ.get("CELERY_BROKER_PREFIX"):  # every key and channel, so runs never mix
         broker_transport_options["global_keyprefix"] = os.environ["CELERY_BROKER_PREFIX"]
 

@@ -28,9 +28,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-import demos
 import stack
-import tasks
+
+# The one resolver (stack/resolve.py): the broker and result backend you configured
+# (CELERY_BROKER_URL, CELERY_RESULT_BACKEND), else the defaults; also for the processes a demo
+# starts. Before `tasks`: celeryconfig reads them on import.
+os.environ.update(stack.resolve("configured"))
+
+import demos  # noqa: E402
+import tasks  # noqa: E402
 
 console = Console()
 

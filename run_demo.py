@@ -12,8 +12,9 @@ Services with --broker auto, the first that works: (1) the configured broker and
 (CELERY_BROKER_URL, CELERY_RESULT_BACKEND); (2) RabbitMQ and Redis from `docker compose`;
 (3) an embedded stack that needs nothing installed: kombu's filesystem transport and file
 results inside the run folder. --broker/--backend KIND choose one: the URL from the environment
-when it is of that kind, else the local default (stack/services.py); --broker sqs starts a local
-SQS-compatible server (moto) unless CELERY_BROKER_URL is an sqs:// URL. What the chosen pair
+when it is of that kind, else the local default (one resolver decides: stack/resolve.py);
+--broker sqs starts a local SQS-compatible server (moto) unless CELERY_BROKER_URL is an sqs://
+URL. What the chosen pair
 cannot do is said first (stack/capabilities.py), and those demos are reported unsupported.
 Then a worker per queue, beat (and Flower, web.py), and finally
 ``client_fixed.py`` as a subprocess, exactly as you would run it yourself. Each process logs to
@@ -41,11 +42,9 @@ received = []  # the signal that ended the run, if any
 
 def parse_args():
     parser = argparse.ArgumentParser(description="Run every Celery demo on a real stack.")
-    parser.add_argument("--broker", default="auto",
-                        choices=("auto", "rabbitmq", "redis", "sqs", "embedded", "docker"),
+    parser.add_argument("--broker", default="auto", choices=stack.BROKER_MODES,
                         help="which broker to use (default: auto)")
-    parser.add_argument("--backend", default="auto",
-                        choices=("auto", "redis", "postgresql", "rpc", "file"),
+    parser.add_argument("--backend", default="auto", choices=stack.BACKEND_MODES,
                         help="which result backend to use (default: auto: the configured one, "
                              "or files with the embedded broker)")
     parser.add_argument("--flower", action="store_true", help="also start Flower on 127.0.0.1")
@@ -63,80 +62,6 @@ def parse_args():
 
 def say(message):
     console.print(f"[bold cyan]run_demo:[/] {message}")
-
-
-def configured(variable, kind, defaults, kind_of):
-    """The URL in ``variable`` when it is of ``kind``, else that kind's default URL."""
-    url = os.environ.get(variable, "")
-    return url if url and kind_of(url) == kind else defaults[kind]
-
-
-def choose_services(args, run_dir, started):
-    """Return the environment for every process; records in ``started`` what it started."""
-    env = choose_broker(args.broker, run_dir, started, with_postgres=args.backend == "postgresql")
-    if args.backend != "auto":
-        kind = args.backend
-        env["CELERY_RESULT_BACKEND"] = (
-            f"file://{run_dir / 'results'}" if kind == "file" else
-            configured("CELERY_RESULT_BACKEND", kind, stack.BACKEND_URLS,
-                       stack.capabilities.backend_kind))
-    if args.broker not in ("auto", "docker") or args.backend != "auto":
-        # ServiceUnavailable / MissingDriver: the URL and how to fix it
-        stack.check_services(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-        say(f"services: broker {stack.mask(env['CELERY_BROKER_URL'])} and result backend "
-            f"{stack.mask(env['CELERY_RESULT_BACKEND'])} (both answer)")
-    if args.backend == "file":  # only now: a run that fails before starting leaves no folder
-        (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    return env
-
-
-def choose_broker(mode, run_dir, started, with_postgres=False):
-    """The broker's environment (and the result backend that goes with it in auto mode)."""
-    broker = os.environ.get("CELERY_BROKER_URL", stack.DEFAULT_BROKER)
-    backend = os.environ.get("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
-    where = f"broker {stack.mask(broker)} and result backend {stack.mask(backend)}"
-    if mode in ("rabbitmq", "redis"):
-        broker = configured("CELERY_BROKER_URL", mode, stack.BROKER_URLS,
-                            stack.capabilities.broker_kind)
-        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
-    if mode == "sqs":
-        if stack.capabilities.broker_kind(broker) != "sqs":
-            services = started["services"] = stack.Processes(run_dir)
-            broker = stack.start_local_sqs(services)
-            say(f"services: a local SQS-compatible server (moto) at {stack.mask(broker)}; "
-                f"its queues vanish when it stops")
-        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
-    if mode == "embedded":
-        return stack.embedded_env(run_dir)
-    if mode == "auto" and stack.reachable(broker, backend):
-        say(f"services: using the configured {where} (both answer)")
-        return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
-    if mode == "auto":
-        say(f"the configured {where} do not both answer")
-    if mode in ("auto", "docker") and stack.docker_engine_available():
-        # compose's RabbitMQ has a named user: guest may log in only from localhost
-        broker = os.environ.get("CELERY_BROKER_URL", stack.compose_broker_url())
-        running = stack.compose_running()  # someone else's: leave them running at the end
-        services = (*stack.COMPOSE_SERVICES, *(("postgres",) if with_postgres else ()))
-        started["compose"] = [s for s in services if s not in running]
-        say(f"services: `docker compose up -d {' '.join(services)}` (already running: "
-            f"{', '.join(sorted(running)) or 'none'}), then broker {stack.mask(broker)} and "
-            f"result backend {stack.mask(backend)}")
-        try:
-            stack.compose_up(broker, backend, services=services)
-            return {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
-        except stack.ServiceUnavailable as exc:
-            if mode == "docker":
-                raise
-            say(escape(str(exc)))
-    elif mode == "docker":
-        raise stack.ServiceUnavailable("no Docker engine answers `docker info`; start Docker, "
-                                       "or use --broker embedded")
-    elif mode == "auto":
-        say("no Docker engine answers `docker info`")
-    say("services: embedded stack, nothing to install: kombu filesystem:// transport and "
-        "file:// results in the run folder")
-    return stack.embedded_env(run_dir)
 
 
 def run_dir_name(wanted):
@@ -177,7 +102,9 @@ def on_signal(signum, frame):
 def run(args, run_dir, started):
     """Everything between services up and demos done; returns the exit code of client_fixed.py."""
     user_env = dict(os.environ)
-    env = choose_services(args, run_dir, started)
+    # the one resolver (stack/resolve.py): --broker/--backend, the environment, the fallback
+    env = stack.resolve(args.broker, args.backend, run_dir, started,
+                        say=lambda line: say(escape(line)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH"))))
     os.environ.update(env)  # for this process (pings) and every child
     import tasks  # only now: celeryconfig reads the environment set just above

@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 import stack
+from stack.capabilities import is_kind
 
 from .profiling import CpuMeter
 from .run import check_alive, clean_up, deadline, wait_done
@@ -80,7 +81,7 @@ def all_cases(broker, backend):
         tuned("tuned + -l INFO", loglevel="INFO"),
         tuned("tuned + priority queue", settings={"queue_priority": True}),
         *([tuned("tuned + publisher confirms", settings={"publisher_confirms": True})]
-          if broker.startswith(("amqp", "pyamqp")) else []),
+          if is_kind(broker, "rabbitmq") else []),
         tuned("tuned, 2 worker processes", workers=2),
         Case("chunks of 100", "batched", TUNED, send="chunks:100", share=5, quick=True,
              note="noop.chunks(items, 100): one message per 100 items"),

@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from stack.capabilities import is_kind
+
 from .profiling import CpuMeter
 from .run import bounded, deadline, wait_count
 from .worker import _done, noop
@@ -25,7 +27,7 @@ from .worker import _done, noop
 def cases(broker):
     """The peer cases for this broker (Case objects of bench.cases)."""
     from .cases import Case
-    where = "Redis" if broker.startswith("redis") else "RabbitMQ"
+    where = "Redis" if is_kind(broker, "redis") else "RabbitMQ"
     return [
         Case(f"dramatiq ({where})", "peer", send="dramatiq", quick=True,
              note="1 process x 1 thread, defaults (persistent, acks late)"),
@@ -52,13 +54,13 @@ def peer_name():
 def redis_url():
     """The run's Redis: the broker when it is Redis, else the result backend."""
     broker = os.environ["CELERY_BROKER_URL"]
-    return broker if broker.startswith("redis") else os.environ["CELERY_RESULT_BACKEND"]
+    return broker if is_kind(broker, "redis") else os.environ["CELERY_RESULT_BACKEND"]
 
 
 def dramatiq_actor():
     import dramatiq
     broker = os.environ["CELERY_BROKER_URL"]
-    if broker.startswith("redis"):
+    if is_kind(broker, "redis"):
         from dramatiq.brokers.redis import RedisBroker
         dramatiq.set_broker(RedisBroker(url=broker, namespace=peer_name(),
                                         socket_connect_timeout=3, socket_timeout=30))
@@ -92,9 +94,10 @@ def peer_missing(name, broker, backend, vhost):
     for module in {"dramatiq": ("dramatiq", "pika"), "huey": ("huey",), "rq": ("rq",)}[name]:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install -r requirements-bench.txt)"
-    if name == "dramatiq" and not (vhost or broker.startswith("redis")):
+    if name == "dramatiq" and not (vhost or is_kind(broker, "redis")):
         return "needs RabbitMQ with a throw-away vhost (rabbitmqctl) or Redis"
-    if name != "dramatiq" and not (broker.startswith("redis") or backend.startswith("redis://")):
+    if name != "dramatiq" and not (is_kind(broker, "redis")
+                                   or is_kind(backend, "redis", "result backend")):
         return "needs Redis (--broker redis, or CELERY_RESULT_BACKEND=redis://...)"
     return None
 

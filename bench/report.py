@@ -6,6 +6,8 @@ measured number), and the rich tables ``benchmark.py`` prints.
 """
 import os
 
+from stack.capabilities import is_kind
+
 
 def percentile(values, q):
     ordered = sorted(values)
@@ -118,18 +120,19 @@ def machine(broker, backend):
                                if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    if broker.startswith(("amqp", "pyamqp")):
+    if is_kind(broker, "rabbitmq"):
         from kombu import Connection
         with Connection(broker, connect_timeout=3) as conn:
             conn.connect()
             props = conn.connection.server_properties
             info["broker"] = f"{props.get('product', 'AMQP')} {props.get('version', '')}"
-    redis_url = next((url for url in (broker, backend) if url.startswith("redis")), None)
+    redis_url = next((url for url, role in ((broker, "broker"), (backend, "result backend"))
+                      if is_kind(url, "redis", role)), None)
     if redis_url:
         import redis
         info["redis"] = redis.Redis.from_url(redis_url, socket_connect_timeout=3,
                                              socket_timeout=3).info("server")["redis_version"]
-        if broker.startswith("redis"):
+        if is_kind(broker, "redis"):
             info["broker"] = f"Redis {info['redis']}"
     return info
 

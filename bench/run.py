@@ -19,8 +19,7 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import stack
-
-REDIS_BROKER = "redis://localhost:6379/0"
+from stack.capabilities import is_kind
 
 
 class Stalled(RuntimeError):
@@ -96,50 +95,39 @@ def bounded(call, seconds, what):
         return None
 
 
-def choose_broker(name):
-    """The broker URL for ``--broker``: the environment's when it is of that kind."""
-    current = os.environ.get("CELERY_BROKER_URL", "")
-    if name is None:
-        return current or stack.DEFAULT_BROKER
-    schemes = {"rabbitmq": ("amqp://", "amqps://", "pyamqp://"), "redis": ("redis://",
-                                                                            "rediss://")}[name]
-    if current.startswith(schemes):
-        return current
-    return stack.DEFAULT_BROKER if name == "rabbitmq" else REDIS_BROKER
-
-
 def isolate(broker_name, cleanup, token):
     """Point this run at its own vhost, key prefixes and queue; undo it all on exit.
 
     Raises stack.ServiceUnavailable (one line, naming the service) when a service is down.
     """
+    # the one resolver (stack/resolve.py): --broker KIND, else the environment or the defaults
+    folder = None
     if broker_name == "embedded":
         import tempfile
         folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="celery-bench-"))
-        os.environ.update(stack.embedded_env(folder))
-    else:
-        os.environ["CELERY_BROKER_URL"] = choose_broker(broker_name)
-    broker = os.environ["CELERY_BROKER_URL"]
-    backend = os.environ.setdefault("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
-    stack.check_services(broker, backend)
+    os.environ.update(stack.resolve(broker_name or "configured", "configured", folder))
+    broker, backend = os.environ["CELERY_BROKER_URL"], os.environ["CELERY_RESULT_BACKEND"]
+    if not broker_name:  # resolve() checked a broker named by kind; this one is the user's
+        stack.check_services(broker, backend)
     where = {"queue": f"bench-{token}", "vhost": None, "redis_prefix": None,
              "broker_prefix": None, "token": token}
-    if broker.startswith(("amqp://", "pyamqp://")) and stack.rabbitmqctl_usable():
+    if is_kind(broker, "rabbitmq") and stack.rabbitmqctl_usable():
         url = cleanup.enter_context(stack.throwaway_vhost(broker, prefix=f"celery-bench-{token}"))
         os.environ["CELERY_BROKER_URL"] = url
         where["vhost"] = urlparse(url).path[1:]
     # otherwise a shared vhost or another broker: every case's queue is deleted after it
-    if broker.startswith(("redis://", "rediss://")):  # every broker key under the prefix
+    if is_kind(broker, "redis"):  # every broker key under the prefix
         prefix = cleanup.enter_context(
             stack.throwaway_redis_prefix(broker, prefix=f"celery-bench-{token}-broker"))
         os.environ["BENCH_BROKER_KEYPREFIX"] = where["broker_prefix"] = prefix
-    if backend.startswith(("redis://", "rediss://")):
+    if is_kind(backend, "redis", "result backend"):
         prefix = cleanup.enter_context(
             stack.throwaway_redis_prefix(backend, prefix=f"celery-bench-{token}"))
         os.environ["CELERY_RESULT_KEYPREFIX"] = where["redis_prefix"] = prefix
     else:
         os.environ.pop("CELERY_RESULT_KEYPREFIX", None)
-    for url in {u for u in (broker, backend) if u.startswith(("redis://", "rediss://"))}:
+    for url in {u for u, role in ((broker, "broker"), (backend, "result backend"))
+                if is_kind(u, "redis", role)}:
         cleanup.callback(delete_redis_keys, url, f"*{token}*")  # the peers' keys
     return where
 

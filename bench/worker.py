@@ -81,7 +81,7 @@ def make_app(settings=None):
     options = dict(app.conf.broker_transport_options or {})
     if not confirms and "confirm_publish" in options:
         options["confirm_publish"] = False
-    if os.environ.get("BENCH_BROKER_KEYPREFIX") and app.conf.broker_url.startswith("redis"):
+    if os.environ.get("BENCH_BROKER_KEYPREFIX"):  # set only for a Redis broker (bench/run.py)
         options["global_keyprefix"] = os.environ["BENCH_BROKER_KEYPREFIX"]
     app.conf.broker_transport_options = options
     # shared=False: other apps in the same process (tests) do not get these tasks

@@ -14,6 +14,7 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
     brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
+    resolve.py     the one resolver: defaults, environment, --broker/--backend, auto fallback
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
     celery_gaps.py two Celery worker bugs worked around (installed at worker_init; not
                    imported here)
@@ -35,3 +36,4 @@ from .testing import *  # noqa: F401,F403
 from .flaky import *  # noqa: F401,F403
 from .faults import *  # noqa: F401,F403
 from .deadlines import *  # noqa: F401,F403
+from .resolve import *  # noqa: F401,F403

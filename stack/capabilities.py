@@ -1,9 +1,11 @@
 """What each broker, result backend and worker pool can carry, as data, and the one decision.
 
 Owns: the table of brokers and result backends (their URL schemes, what each lacks and why,
-the direction of priorities, the pip package of their driver), ``offers_for(broker, backend,
-pool)`` and ``decide(needs, offers)``, the one function that says whether something that
-needs some features can run on a stack ("None": it runs) or not (the reason, for the user).
+the direction of priorities, the pip package of their driver, which system it is and how a
+user checks it), ``offers_for(broker, backend, pool)`` and ``decide(needs, offers)``, the one
+function that says whether something that needs some features can run on a stack ("None": it
+runs) or not (the reason, for the user). It is the one place that reads URL schemes:
+elsewhere ``is_kind(url, "redis")``, ``component(url, BROKERS).probe`` and ``how_to_check``.
 
 It knows nothing of the demos: each demo declares what it needs (``@demo(needs=...)`` in
 demos.py), and client_fixed.py, complete_demo.py, run_demo.py and the tests all ask
@@ -43,6 +45,11 @@ class Component:
     drops_expired: bool = False    # the broker itself discards a message whose `expires` passed
     modules: tuple = ()            # what must import for its driver ...
     install: str = ""              # ... and the pip command that installs it
+    system: str = ""               # the system a failure message names: "RabbitMQ", "Redis" ...
+    probe: str = ""                # how stack.services checks it answers: "kombu" (connect),
+    #                                "redis" (PING), "sql" (SELECT 1), "folder", "" (nothing)
+    check: str = ""                # how the user checks it; {url} {host} {port} {folder}
+    #                                {endpoint} are filled in by how_to_check()
 
     def offers(self, feature):
         return feature not in self.lacks
@@ -51,35 +58,60 @@ class Component:
         """(urgent, routine) priorities for this broker's direction."""
         return (0, 9) if self.priority == LOWER_FIRST else (9, 1)
 
+    def how_to_check(self, url, folder=None):
+        """The check a failure message tells the user to run, for this component at ``url``
+        (masked); ``folder``: the filesystem transport's folder, from its transport options."""
+        from kombu.utils.url import maybe_sanitize_url
+        parsed = urlparse(str(url or ""))
+        try:
+            host, port = parsed.hostname or "localhost", parsed.port
+        except ValueError:  # a port that is not a number: the URL itself is the problem
+            host, port = parsed.hostname or "localhost", None
+        endpoint = f"http://{host}:{port}" if parsed.hostname and port else ""
+        folder = folder or (parsed.path if self.probe == "folder" else "")
+        return self.check.format(url=maybe_sanitize_url(str(url)), host=host,
+                                 port=port or DEFAULT_PORTS.get(self.kind, ""), folder=folder,
+                                 endpoint=f" --endpoint-url {endpoint}" if endpoint else "")
+
 
 SQS_INSTALL = "pip install 'kombu[sqs]' (boto3 and pycurl)"
+DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379, "rabbitmq": 5672}
+RABBITMQ_CHECK = "`rabbitmq-diagnostics status`"
+REDIS_CHECK = "`redis-cli -u {url} ping`"
+FOLDER_CHECK = "`ls -ld {folder}` (the folder must exist)"
 BROKERS = (
     Component("rabbitmq", "broker", ("amqp", "amqps", "pyamqp"), priority=HIGHER_FIRST,
-              drops_expired=True),
-    Component("redis", "broker", ("redis", "rediss"), priority=LOWER_FIRST),
+              drops_expired=True, system="RabbitMQ", probe="kombu", check=RABBITMQ_CHECK),
+    Component("redis", "broker", ("redis", "rediss"), priority=LOWER_FIRST, system="Redis",
+              probe="kombu", check=REDIS_CHECK),
     Component("sqs", "broker", ("sqs",), lacks={
         "remote_control": "Amazon SQS has no fanout exchange, so Celery has no remote control "
                           "there: no inspect, ping, stats or revoke broadcast",
         "events": "Celery sends no worker events over SQS, so Flower and `celery events` see "
                   "nothing",
         "priority": "SQS queues have no priorities: every message waits its turn (FIFO)",
-    }, modules=("boto3", "pycurl"), install=SQS_INSTALL),
+    }, modules=("boto3", "pycurl"), install=SQS_INSTALL, system="SQS", probe="kombu",
+              check="`aws sqs list-queues{endpoint}` (the endpoint and the keys in the URL)"),
     Component("embedded", "broker", ("filesystem",), lacks={
         "priority": "kombu's filesystem transport delivers in FIFO order: no priorities",
-    }),
+    }, system="kombu's filesystem transport", probe="folder", check=FOLDER_CHECK),
     Component("memory", "broker", ("memory",), lacks={
         "priority": "kombu's memory transport delivers in FIFO order: no priorities",
         "events": "memory:// lives inside one process: Flower cannot see it",
-    }),
+    }, system="memory:// (this process)"),
 )
 BACKENDS = (
-    Component("redis", "result backend", ("redis", "rediss")),
+    Component("redis", "result backend", ("redis", "rediss"), system="Redis", probe="redis",
+              check=REDIS_CHECK),
     Component("postgresql", "result backend",
               ("db+postgresql", "db+postgresql+psycopg", "db+postgresql+psycopg2"),
-              modules=("sqlalchemy",), install="pip install SQLAlchemy 'psycopg[binary]'"),
+              modules=("sqlalchemy",), install="pip install SQLAlchemy 'psycopg[binary]'",
+              system="PostgreSQL", probe="sql", check="`pg_isready -h {host} -p {port}`"),
     Component("database", "result backend", ("db+sqlite", "db+mysql", "db+mysql+pymysql"),
-              modules=("sqlalchemy",), install="pip install SQLAlchemy"),
-    Component("rpc", "result backend", ("rpc",), lacks={
+              modules=("sqlalchemy",), install="pip install SQLAlchemy", system="the database",
+              probe="sql", check="the database server that {url} names"),
+    # rpc:// results travel through the broker: a failure there is the broker's (diagnose())
+    Component("rpc", "result backend", ("rpc",), system="the broker (rpc:// results)", lacks={
         "chords": "rpc:// cannot run chords: it sends results only to the caller, so no "
                   "worker can collect the header's results",
         "result_polling": "rpc:// sends each state and result only to the caller, as "
@@ -91,11 +123,12 @@ BACKENDS = (
         "revoked_state": "rpc:// never delivers a REVOKED state to the caller: a revoked or "
                          "expired task stays PENDING there",
     }),
-    Component("file", "result backend", ("file",)),
+    Component("file", "result backend", ("file",), system="the results folder", probe="folder",
+              check=FOLDER_CHECK),
     Component("memory", "result backend", ("cache+memory",), lacks={
         "shared_results": "cache+memory:// lives inside one process: no other process can look "
                           "a result up by its id",
-    }),
+    }, system="cache+memory:// (this process)"),
 )
 POOLS = (
     Component("prefork", "pool"),
@@ -123,7 +156,8 @@ def component(url, table):
             return entry
     if wanted.startswith("db+"):  # any other SQLAlchemy URL: db+oracle://, ...
         return Component("database", table[0].role, (wanted,), modules=("sqlalchemy",),
-                         install="pip install SQLAlchemy")
+                         install="pip install SQLAlchemy", system="the database", probe="sql",
+                         check="the database server that {url} names")
     return Component(wanted or "unknown", table[0].role, (wanted,))
 
 
@@ -133,6 +167,12 @@ def broker_kind(url):
 
 def backend_kind(url):
     return component(url, BACKENDS).kind
+
+
+def is_kind(url, kind, role="broker"):
+    """True when ``url`` is a ``kind`` broker (or result backend), by this table: the one
+    place that reads URL schemes."""
+    return (broker_kind if role == "broker" else backend_kind)(url) == kind
 
 
 @dataclass(frozen=True)

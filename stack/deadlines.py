@@ -1,9 +1,9 @@
 """What a client does when a service fails in the middle of a run: name it, stop, leave at once.
 
 Owns: PublishersBlocked, ``on_connection_blocked`` and ``raise_on_alarms`` (RabbitMQ's
-memory/disk alarm), ``service_fault`` (turns an exception
-from kombu, py-amqp or redis-py into one line naming the service, its masked URL and what to
-do), ``abandon_connections`` (drop every
+memory/disk alarm), ``service_fault`` (turns an exception from kombu, py-amqp, redis-py,
+SQLAlchemy, botocore or a missing folder into one line naming the service, the system behind it
+and how to check it: the capability table, stack/capabilities.py, knows both), ``abandon_connections`` (drop every
 broker and Redis connection without a goodbye: a frozen peer never answers one), and
 ClientGuard (Ctrl-C, SIGTERM and a hard deadline end a client even while it is blocked on a
 socket). The timeouts themselves are settings, in celeryconfig.py ("timeouts and reconnection,
@@ -21,10 +21,10 @@ from urllib.parse import urlparse
 
 from kombu.utils.url import maybe_sanitize_url
 
-from . import capabilities
+from .capabilities import BACKENDS, BROKERS, component, is_kind
 
 __all__ = ["PublishersBlocked", "on_connection_blocked", "raise_on_alarms", "rabbitmq_alarms",
-           "service_fault", "abandon_connections", "exit_now", "ClientGuard"]
+           "service_fault", "missing_folder", "abandon_connections", "exit_now", "ClientGuard"]
 
 
 class PublishersBlocked(RuntimeError):
@@ -61,16 +61,16 @@ def raise_on_alarms(app):
     """Give ``app``'s RabbitMQ connections ``on_connection_blocked``: a client (ClientGuard),
     a worker and beat (stack/worker_signals.py) call it. Not in celeryconfig: a callable is
     no setting that a copy of celeryconfig.py without stack/ could name."""
-    if capabilities.broker_kind(app.conf.broker_url) == "rabbitmq":
+    if is_kind(app.conf.broker_url, "rabbitmq"):
         app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}),
                                              "on_blocked": on_connection_blocked}
 
 
 def rabbitmq_alarms(broker_url, timeout=2.0):
     """["memory"], ["disk"], both, [] or None (unknown) from RabbitMQ's management API."""
-    parsed = urlparse(broker_url)
-    if parsed.scheme not in ("amqp", "amqps", "pyamqp"):
+    if not is_kind(broker_url, "rabbitmq"):
         return None
+    parsed = urlparse(broker_url)
     auth = b64encode(f"{parsed.username or 'guest'}:{parsed.password or 'guest'}".encode())
     request = urllib.request.Request(f"http://{parsed.hostname or 'localhost'}:15672/api/nodes",
                                      headers={"Authorization": f"Basic {auth.decode()}"})
@@ -84,38 +84,100 @@ def rabbitmq_alarms(broker_url, timeout=2.0):
     return found
 
 
-def _is_backend_error(exc):
+# The modules whose exceptions come from a result backend's driver, or from SQS's
+BACKEND_DRIVERS = ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "MySQLdb")
+SQS_DRIVERS = ("botocore", "boto3")
+
+
+def _folders(app):
+    """[(role, folder)] of the folders the stack lives in: kombu's filesystem transport's and
+    the file:// result backend's."""
+    broker, backend = app.conf.broker_url, app.conf.result_backend
+    folders = []
+    if component(broker, BROKERS).probe == "folder":
+        options = app.conf.broker_transport_options or {}
+        folders += [("broker", options[key]) for key in
+                    ("data_folder_out", "data_folder_in", "control_folder") if options.get(key)]
+    if component(backend, BACKENDS).probe == "folder":
+        folders.append(("result backend", urlparse(str(backend)).path))
+    return folders
+
+
+def missing_folder(app):
+    """(role, folder) of the first folder of the stack that is gone, or None."""
+    return next(((role, folder) for role, folder in _folders(app)
+                 if not os.path.isdir(folder)), None)
+
+
+def _failed_role(exc, app):
+    """Which service ``exc`` comes from ("broker" / "result backend", and the folder it
+    lacks, if that is what failed), by the capability table; None: not a service's fault."""
+    from amqp.exceptions import AMQPError
     from celery.exceptions import BackendError  # what result_backend_always_retry raises
+    from kombu.exceptions import KombuError
+    broker = component(app.conf.broker_url, BROKERS)
+    backend = component(app.conf.result_backend, BACKENDS)
     module = type(exc).__module__ or ""
-    return (isinstance(exc, BackendError) or module.startswith("redis")
-            or "result store" in str(exc))
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and filename:
+        filename = os.fsdecode(filename)
+        for role, folder in _folders(app):
+            if filename.startswith(folder.rstrip("/") + "/") or filename == folder:
+                return role, folder
+    if module.startswith("redis"):  # Redis answers as the result backend, or as the broker
+        return ("result backend" if backend.kind == "redis" or broker.kind != "redis"
+                else "broker"), None
+    if module.startswith(BACKEND_DRIVERS) or isinstance(exc, BackendError) \
+            or "result store" in str(exc):
+        return "result backend", None
+    if module.startswith(SQS_DRIVERS) or isinstance(
+            exc, (KombuError, AMQPError, OSError, socket.timeout)):
+        return "broker", None
+    return None, None
 
 
 def service_fault(exc, app):
-    """One line naming the failed service and what to do, or None if ``exc`` is no service fault."""
-    from amqp.exceptions import AMQPError
-    from kombu.exceptions import KombuError
-    broker = maybe_sanitize_url(str(app.conf.broker_url))
-    backend = maybe_sanitize_url(str(app.conf.result_backend))
+    """One line naming the failed service, the system behind it and how to check it (from the
+    capability table), or None if ``exc`` is no service fault."""
+    broker_url, backend_url = app.conf.broker_url, app.conf.result_backend
+    broker = maybe_sanitize_url(str(broker_url))
+    backend = maybe_sanitize_url(str(backend_url))
     cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
     if isinstance(exc, PublishersBlocked):
-        alarms = rabbitmq_alarms(app.conf.broker_url)
+        alarms = rabbitmq_alarms(broker_url)
         kind = " and ".join(f"{a} alarm" for a in alarms) if alarms else "memory or disk alarm"
         return (f"RabbitMQ is blocking publishers: {kind} — free memory or disk, see "
                 f"`rabbitmq-diagnostics alarms` (broker {broker})")
-    if _is_backend_error(exc):
-        timeout = app.conf.redis_socket_timeout
-        return (f"the result backend (Redis) at {backend} stopped answering within {timeout:g} s "
-                f"({cause}); check it with `redis-cli -u {backend} ping`")
-    if isinstance(exc, (KombuError, AMQPError, OSError, socket.timeout)):
-        alarms = rabbitmq_alarms(app.conf.broker_url)
-        if alarms:  # a publish that timed out because of an alarm we were not told about
-            return service_fault(PublishersBlocked(), app)
-        timeout = (app.conf.broker_transport_options or {}).get("read_timeout")
-        within = f" within {timeout:g} s" if timeout else ""
-        return (f"the broker at {broker} stopped answering{within} ({cause}); check it with "
-                f"`rabbitmq-diagnostics status` (or restart it); workers reconnect by themselves")
-    return None
+    role, folder = _failed_role(exc, app)
+    if role is None:
+        return None
+    if folder:  # the filesystem transport's or the file:// backend's folder is gone
+        part = component(broker_url if role == "broker" else backend_url,
+                         BROKERS if role == "broker" else BACKENDS)
+        url = broker if role == "broker" else backend
+        return (f"the {role} ({part.system}) at {url} cannot use its folder {folder} "
+                f"({cause}); check it with {part.how_to_check(url, folder)}")
+    if role == "result backend":
+        part = component(backend_url, BACKENDS)
+        if part.kind == "rpc":  # rpc:// results travel through the broker: check that
+            role = "broker"
+        else:
+            within = (f" within {app.conf.redis_socket_timeout:g} s" if part.kind == "redis"
+                      else "")
+            return (f"the result backend ({part.system}) at {backend} stopped answering{within} "
+                    f"({cause}); check it with {part.how_to_check(backend_url)}")
+    part = component(broker_url, BROKERS)
+    folder = next((f for role, f in _folders(app) if role == "broker"), None)
+    if part.kind == "rabbitmq" and rabbitmq_alarms(broker_url):
+        # a publish that timed out because of an alarm we were not told about
+        return service_fault(PublishersBlocked(), app)
+    timeout = (app.conf.broker_transport_options or {}).get("read_timeout")
+    within = f" within {timeout:g} s" if timeout else ""
+    results = (" (the rpc:// results travel through it)"
+               if component(backend_url, BACKENDS).kind == "rpc" else "")
+    return (f"the broker at {broker}{results} stopped answering{within} ({cause}); check "
+            f"{part.system or 'it'} with {part.how_to_check(broker_url, folder) or 'its tools'} "
+            f"(or restart it); workers reconnect by themselves")
 
 
 def abandon_connections(app):

@@ -15,6 +15,7 @@ from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps, loads
 
+from .capabilities import is_kind
 from .processes import WORKER_NAMES, wait_for_workers
 from .services import HERE
 
@@ -158,7 +159,7 @@ def in_process_workers(app, queues, beat=False, concurrency=4, run_dir=None):
     """
     from celery.contrib.testing.worker import start_worker
     host = socket.gethostname()
-    if app.conf.broker_url.startswith("memory://"):
+    if is_kind(app.conf.broker_url, "memory"):
         groups = {f"{WORKER_NAMES.get(q, q)}@{host}": [q] for q in queues}
     else:
         groups = {f"demo@{host}": list(queues)}

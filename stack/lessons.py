@@ -7,6 +7,8 @@ not Celery itself (``wait``, ``check``, ``ctx.cannot(...)``) is here, so that a 
 what it teaches. It knows no lesson by name: client_fixed.py, complete_demo.py and the tests
 run the lessons through ``demos.DEMOS`` and ``run()``.
 """
+import errno
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from celery.states import PROPAGATE_STATES
 
 from . import capabilities
 from .capabilities import decide, offers_for
-from .deadlines import service_fault
+from .deadlines import missing_folder, service_fault
 from .processes import worker_command
 from .services import HERE
 
@@ -164,6 +166,9 @@ def wait(ctx, result, queue, timeout=None, propagate=True):
         # Stop waiting for it now: Redis results stay subscribed until the task ends, and
         # unsubscribing at interpreter exit fails ("Exception ignored in AsyncResult.__del__")
         result.backend.remove_pending_result(result)
+        lost = missing_folder(ctx.app)
+        if lost:  # the embedded stack's folder is gone: a service fault (service_fault names it)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), lost[1]) from None
         if result.state == "PENDING":
             raise DemoFailed(f"still PENDING after {limit:.0f}s: "
                              f"{why_pending(ctx.app, queue, ctx.offers)}") from None

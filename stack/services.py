@@ -61,7 +61,7 @@ def check_driver(url, role="broker"):
     try:
         for module in entry.modules:
             importlib.import_module(module)
-        if str(url).startswith("db+"):  # SQLAlchemy imports the database driver it names
+        if entry.probe == "sql":  # SQLAlchemy imports the database driver the URL names
             from sqlalchemy.engine import make_url
             make_url(str(url)[3:]).get_dialect().import_dbapi()
         elif role == "broker":
@@ -80,11 +80,13 @@ def mask(url):
 def check_broker(url, timeout=3.0):
     """Raise ServiceUnavailable unless the broker answers within ``timeout`` seconds."""
     check_driver(url, "broker")
-    if url.startswith(("memory://", "filesystem://")):
+    from . import capabilities
+    entry = capabilities.component(url, capabilities.BROKERS)
+    if entry.probe != "kombu":  # memory:// and filesystem:// have no server to ask
         return
     from kombu import Connection
     options = {}
-    if url.startswith("sqs://"):  # boto3 retries for minutes by default: one short try here
+    if entry.kind == "sqs":  # boto3 retries for minutes by default: one short try here
         options = {"region": "us-east-1", "client-config": {
             "connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}}}
     try:
@@ -92,10 +94,10 @@ def check_broker(url, timeout=3.0):
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
     except Exception as exc:  # every failure here means the same to the user ...
         refused = login_refused(url, exc)  # ... except a broker that answers and says no
-        hint = SQS_HINT if url.startswith("sqs://") else START_HINT
+        hint = SQS_HINT if entry.kind == "sqs" else START_HINT
         raise ServiceUnavailable(refused or (
             f"cannot reach the broker at {mask(url)} ({exc.__class__.__name__}: {exc}); "
-            f"{hint}")) from None
+            f"check {entry.system} with {entry.how_to_check(url)}; {hint}")) from None
 
 
 def login_refused(url, exc):
@@ -154,9 +156,11 @@ def check_backend(url, timeout=3.0):
     """Raise ServiceUnavailable unless the result backend's driver is installed and, for
     Redis and SQL databases, the server answers within ``timeout`` seconds."""
     check_driver(url, "result backend")
-    if url.startswith("db+"):
+    from . import capabilities
+    entry = capabilities.component(url, capabilities.BACKENDS)
+    if entry.probe == "sql":
         return check_database(url, timeout)
-    if not url.startswith(("redis://", "rediss://")):
+    if entry.probe != "redis":  # rpc:// is the broker's; file:// and memory have no server
         return
     import redis
     try:
@@ -164,13 +168,15 @@ def check_backend(url, timeout=3.0):
     except Exception as exc:
         raise ServiceUnavailable(
             f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: {exc}); "
-            f"{START_HINT}") from None
+            f"check it with {entry.how_to_check(url)}; {START_HINT}") from None
 
 
 def check_database(url, timeout=3.0):
     """A SQLAlchemy result backend (db+postgresql+psycopg://...) answers ``SELECT 1``."""
     import sqlalchemy
-    args = {"connect_timeout": max(1, int(timeout))} if "postgresql" in url else {}
+    from . import capabilities
+    entry = capabilities.component(url, capabilities.BACKENDS)
+    args = {"connect_timeout": max(1, int(timeout))} if entry.kind == "postgresql" else {}
     engine = sqlalchemy.create_engine(url[3:], connect_args=args,
                                       poolclass=sqlalchemy.pool.NullPool)
     try:
@@ -178,10 +184,11 @@ def check_database(url, timeout=3.0):
             conn.execute(sqlalchemy.text("SELECT 1"))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        start = ("; start PostgreSQL with `docker compose up -d postgres` or your "
+                 "distribution's postgresql package" if entry.kind == "postgresql" else "")
         raise ServiceUnavailable(
             f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: "
-            f"{first}); start PostgreSQL with `docker compose up -d postgres` or your "
-            f"distribution's postgresql package") from None
+            f"{first}); check {entry.system} with {entry.how_to_check(url)}{start}") from None
     finally:
         engine.dispose()
 

@@ -42,10 +42,12 @@ WORKER_FLAGS = ("--without-mingle", "--without-gossip", "-E", "-l", "INFO")
 # pytest was started with, minus the user's own Celery, Flower, demo and RabbitMQ settings,
 # plus what the test sets. The user's broker and backend are remembered first: the tests make
 # their throw-away vhosts there.
+# The one resolver (stack/resolve.py) says which RabbitMQ brokers are worth trying, in order
+# (yours, the local default, docker compose's: it reads RABBITMQ_DEFAULT_USER/_PASS, as compose
+# does), and which Redis holds the results.
 USER_SETTINGS = ("CELERY_", "FLOWER_", "DEMO_", "RABBITMQ_")
-USER_BROKER = os.environ.get("CELERY_BROKER_URL")
-USER_BACKEND = os.environ.get("CELERY_RESULT_BACKEND")
-COMPOSE_BROKER = stack.compose_broker_url()  # reads RABBITMQ_DEFAULT_USER/_PASS, as compose does
+RABBIT_BROKERS = stack.candidates("rabbitmq")
+REDIS_BACKEND = stack.configured("result backend", "redis")
 for _key in [k for k in os.environ if k.startswith(USER_SETTINGS)]:
     del os.environ[_key]
 os.environ.update(PYTHONUNBUFFERED="1", COLUMNS="200")
@@ -64,11 +66,9 @@ def skip(reason):
 def rabbit():
     """(broker URL, Redis URL, admin) of a RabbitMQ + Redis the tests may use, or a reason why
     there is none (a str)."""
-    backend = USER_BACKEND if (USER_BACKEND or "").startswith("redis://") else stack.DEFAULT_BACKEND
-    brokers = [url for url in (USER_BROKER, stack.DEFAULT_BROKER, COMPOSE_BROKER)
-               if url and url.startswith(("amqp://", "pyamqp://"))]
+    backend = REDIS_BACKEND
     problems = []
-    for broker in dict.fromkeys(brokers):
+    for broker in RABBIT_BROKERS:
         try:
             stack.check_broker(broker, timeout=2)
             admin = stack.rabbit_admin(broker)
@@ -112,7 +112,7 @@ def throwaway_stack(run_dir):
     if isinstance(found, str):
         if ON_CI:
             pytest.fail(f"CI=true, so the tests must run on RabbitMQ + Redis, but: {found}")
-        env = StackEnv(stack.embedded_env(run_dir))
+        env = StackEnv(stack.resolve("embedded", run_dir=run_dir))
         yield env
         return
     broker, backend, admin = found
@@ -316,8 +316,8 @@ def finish(proc, timeout):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{proc.args[1] if len(proc.args) > 1 else proc.args[0]} still running "
-                    f"after {timeout}s:\n{output[-4000:]}")
+        name = next((Path(a).name for a in proc.args if str(a).endswith(".py")), proc.args[0])
+        pytest.fail(f"{name} still running after {timeout}s:\n{output[-4000:]}")
     return output
 
 

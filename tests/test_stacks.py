@@ -204,7 +204,7 @@ COMMANDS = {
 ], ids=["mysql-results", "sqs-without-boto3"])
 def test_a_url_without_its_driver_gets_one_line_naming_the_package(command, url, package,
                                                                    tmp_path):
-    sqs = url.startswith("sqs")
+    sqs = stack.capabilities.is_kind(url, "sqs")
     env = clean_env(CELERY_BROKER_URL=url if sqs else stack.DEFAULT_BROKER,
                     CELERY_RESULT_BACKEND="rpc://" if sqs else url)
     if sqs:  # boto3 is installed here: hide it, as on a machine without it
@@ -217,7 +217,7 @@ def test_a_url_without_its_driver_gets_one_line_naming_the_package(command, url,
                           capture_output=True, text=True,
                           timeout=60)  # a hang fails here, not a timed assertion
     output = done.stdout + done.stderr
-    role = "broker" if url.startswith("sqs") else "result backend"
+    role = "broker" if sqs else "result backend"
     masked = url.replace("s3cret", "**")
     assert done.returncode in (1, 2), output
     assert f"the {role} {masked}" in " ".join(output.split())  # rich may wrap the line

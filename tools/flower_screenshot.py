@@ -16,7 +16,6 @@ so that tasks of every kind and state show up, takes a headless screenshot of a 
 and stops everything.
 """
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -71,13 +70,13 @@ def main():
     browser = find_browser(args.browser)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = os.environ.get("CELERY_BROKER_URL", stack.DEFAULT_BROKER)
-    backend = os.environ.get("CELERY_RESULT_BACKEND", stack.DEFAULT_BACKEND)
+    configured = stack.resolve("configured")  # the one resolver: yours, else the defaults
+    base, backend = configured["CELERY_BROKER_URL"], configured["CELERY_RESULT_BACKEND"]
     stack.check_broker(base)
     stack.check_backend(backend)
     with ExitStack() as cleanup:
         run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="flower-shot-"))
-        isolated = stack.rabbitmqctl_usable() and base.startswith(("amqp://", "pyamqp://"))
+        isolated = stack.rabbitmqctl_usable() and stack.capabilities.is_kind(base, "rabbitmq")
         broker = cleanup.enter_context(stack.throwaway_vhost(base) if isolated
                                        else nullcontext(base))
         prefix = cleanup.enter_context(stack.throwaway_redis_prefix(backend))
