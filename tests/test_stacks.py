@@ -30,9 +30,9 @@ EXPECTED_UNSUPPORTED = {
     ("rabbitmq", "redis"): set(),
     ("redis", "redis"): set(),
     ("rabbitmq", "postgresql"): set(),
-    ("rabbitmq", "rpc"): {"states", "progress", "canvas", "workflow", "callbacks", "expires",
-                          "revoke"},
-    ("sqs", "redis"): {"periodic", "priority", "revoke", "inspect"},
+    ("rabbitmq", "rpc"): {"states", "progress", "canvas", "workflow", "callbacks", "periodic",
+                          "expires", "revoke"},
+    ("sqs", "redis"): {"priority", "revoke", "inspect"},
     ("embedded", "file"): {"priority"},
 }
 URLS = {"rabbitmq": "amqp://", "redis": "redis://", "sqs": "sqs://", "embedded": "filesystem://",
