@@ -17,9 +17,12 @@ it); the page polls the API every half second, which needs nothing from the serv
 """
 import argparse
 import re
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as NoAnswer
 
+from celery.exceptions import BackendError
 from celery.result import AsyncResult
 from flask import Flask, jsonify, request
+from kombu.exceptions import OperationalError
 
 import stack
 import tasks
@@ -27,6 +30,12 @@ import tasks
 web = Flask(__name__, static_folder="static", static_url_path="/static")
 TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_DURATION = 600  # seconds: a page is not the place for longer work
+# A request answers within this, whatever the services do. celeryconfig's client timeouts end
+# every call, but a frozen broker takes 18 s to give up: a 6 s wait for the publisher confirm,
+# then 6 s each for the polite channel and connection closes. The call goes on in its thread
+# until they fire; the page hears "503" now.
+DEADLINE = 8
+calls = ThreadPoolExecutor(max_workers=16, thread_name_prefix="celery-call")
 
 
 class BadRequest(ValueError):
@@ -50,6 +59,16 @@ def service_failed(exc):
     return jsonify(error=f"{type(exc).__name__}: {exc}"), 500
 
 
+def within_deadline(service, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, or the error Celery raises for ``service`` after DEADLINE s
+    (so that stack.service_fault names it)."""
+    try:
+        return calls.submit(call, *args, **kwargs).result(timeout=DEADLINE)
+    except NoAnswer:
+        error = OperationalError if service == "broker" else BackendError
+        raise error(f"no answer within {DEADLINE} s") from None
+
+
 @web.get("/")
 def page():
     return web.send_static_file("index.html")
@@ -67,7 +86,7 @@ def start_slow_task():
             not 1 <= duration <= MAX_DURATION:
         raise BadRequest(f"duration must be a whole number of seconds from 1 to {MAX_DURATION}, "
                          f"not {body['duration']!r}")
-    result = tasks.slow_task.delay(duration)
+    result = within_deadline("broker", tasks.slow_task.delay, duration)
     return jsonify(id=result.id), 202
 
 
@@ -81,7 +100,8 @@ def task_result(task_id):
 @web.get("/api/tasks/<task_id>")
 def task_status(task_id):
     result = task_result(task_id)
-    state, info = result.state, result.info  # two reads of the same stored record
+    meta = within_deadline("result backend", result.backend.get_task_meta, task_id)
+    state, info = meta["status"], meta["result"]  # one read: state and info of one moment
     current, total, value = (0 if state in ("PENDING", "STARTED") else None), None, None
     if state == "PROGRESS" and isinstance(info, dict):
         current, total = info.get("current"), info.get("total")
@@ -96,11 +116,12 @@ def task_status(task_id):
 @web.delete("/api/tasks/<task_id>")
 def cancel_task(task_id):
     result = task_result(task_id)
-    if result.state in ("SUCCESS", "FAILURE", "REVOKED"):
-        return jsonify(error=f"task {task_id} already ended: {result.state}"), 409
+    state = within_deadline("result backend", result.backend.get_task_meta, task_id)["status"]
+    if state in ("SUCCESS", "FAILURE", "REVOKED"):
+        return jsonify(error=f"task {task_id} already ended: {state}"), 409
     # terminate: a task already running is stopped (SIGTERM to its pool process, prefork only);
     # one still waiting is dropped when a worker receives it. Either way it ends REVOKED.
-    result.revoke(terminate=True, signal="SIGTERM")
+    within_deadline("broker", result.revoke, terminate=True, signal="SIGTERM")
     return jsonify(id=task_id, state="REVOKED"), 202
 
 
