@@ -8,7 +8,7 @@ The page (static/index.html) uses a JSON API that any other program may call too
     POST   /api/slow_task   {"duration": 5}  -> 202 {"id": "..."}
     GET    /api/tasks/ID                     -> {"id", "state", "current", "total", "result"}
     DELETE /api/tasks/ID                     -> 202: revoked with terminate; the state becomes REVOKED
-                                                (409 if it had already ended)
+                                                (409 if it had already ended; 501 on SQS)
 
 Bad input is a 400 with a message saying what is wrong. A broker or result backend that does not
 answer is a 503 naming it, within the client deadlines of celeryconfig.py (a few seconds), never
@@ -36,6 +36,9 @@ MAX_DURATION = 600  # seconds: a page is not the place for longer work
 # until they fire; the page hears "503" now.
 DEADLINE = 8
 calls = ThreadPoolExecutor(max_workers=16, thread_name_prefix="celery-call")
+# What the page needs of the stack (stack/capabilities.py says which stacks lack what, and why)
+OFFERS = stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
+NEEDS = {"progress": ("shared_results", "result_polling"), "cancel": ("remote_control",)}
 
 
 class BadRequest(ValueError):
@@ -116,6 +119,9 @@ def task_status(task_id):
 @web.delete("/api/tasks/<task_id>")
 def cancel_task(task_id):
     result = task_result(task_id)
+    cannot = stack.decide(NEEDS["cancel"], OFFERS)
+    if cannot:  # Amazon SQS: no broadcast reaches the workers
+        return jsonify(error=f"cannot cancel on this stack: {cannot}"), 501
     state = within_deadline("result backend", result.backend.get_task_meta, task_id)["status"]
     if state in ("SUCCESS", "FAILURE", "REVOKED"):
         return jsonify(error=f"task {task_id} already ended: {state}"), 409
@@ -134,6 +140,9 @@ def main(argv=None):
     print(f"web.py: http://{args.host}:{args.port}/ (broker {stack.mask(tasks.app.conf.broker_url)}"
           f", results {stack.mask(str(tasks.app.conf.result_backend))}); Ctrl-C stops it",
           flush=True)
+    for what, needs in NEEDS.items():
+        if stack.decide(needs, OFFERS):
+            print(f"web.py: no {what} on this stack: {stack.decide(needs, OFFERS)}", flush=True)
     # Flask's own server, threaded: enough for a demo. In production put the `web` object
     # behind a WSGI server (gunicorn web:web).
     web.run(host=args.host, port=args.port, threaded=True)

@@ -269,6 +269,14 @@ def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_pat
     assert alive_in_groups(run_dir, proc.pid) == []
 
 
+def test_cancel_on_a_broker_without_remote_control_is_501_saying_why(web_without):
+    web = web_without(CELERY_BROKER_URL="sqs://key:secret@127.0.0.1:1")  # never contacted
+    answer = web.call("DELETE", f"/api/tasks/{uuid.uuid4()}")
+    assert answer.status_code == 501, answer.text
+    assert answer.json()["error"].startswith("cannot cancel on this stack: Amazon SQS has no "
+                                             "fanout exchange")
+
+
 @pytest.mark.parametrize("service", ["broker", "result backend"])
 def test_a_service_that_freezes_mid_run_gets_503_naming_it_not_a_hang(rabbit_env, tmp_path,
                                                                        request, service):
