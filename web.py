@@ -8,7 +8,7 @@ The page (static/index.html) uses a JSON API that any other program may call too
     POST   /api/slow_task   {"duration": 5}  -> 202 {"id": "..."}
     GET    /api/tasks/ID                     -> {"id", "state", "current", "total", "result"}
     DELETE /api/tasks/ID                     -> 202: revoked with terminate; the state becomes REVOKED
-                                                (409 if it had already ended)
+                                                (409 if it had already ended; 501 on SQS)
 
 Bad input is a 400 with a message saying what is wrong. A broker or result backend that does not
 answer is a 503 naming it, within the client deadlines of celeryconfig.py (a few seconds), never
@@ -17,9 +17,12 @@ it); the page polls the API every half second, which needs nothing from the serv
 """
 import argparse
 import re
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as NoAnswer
 
+from celery.exceptions import BackendError
 from celery.result import AsyncResult
 from flask import Flask, jsonify, request
+from kombu.exceptions import OperationalError
 
 import stack
 import tasks
@@ -27,6 +30,15 @@ import tasks
 web = Flask(__name__, static_folder="static", static_url_path="/static")
 TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_DURATION = 600  # seconds: a page is not the place for longer work
+# A request answers within this, whatever the services do. celeryconfig's client timeouts end
+# every call, but a frozen broker takes 18 s to give up: a 6 s wait for the publisher confirm,
+# then 6 s each for the polite channel and connection closes. The call goes on in its thread
+# until they fire; the page hears "503" now.
+DEADLINE = 8
+calls = ThreadPoolExecutor(max_workers=16, thread_name_prefix="celery-call")
+# What the page needs of the stack (stack/capabilities.py says which stacks lack what, and why)
+OFFERS = stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
+NEEDS = {"progress": ("shared_results", "result_polling"), "cancel": ("remote_control",)}
 
 
 class BadRequest(ValueError):
@@ -50,6 +62,16 @@ def service_failed(exc):
     return jsonify(error=f"{type(exc).__name__}: {exc}"), 500
 
 
+def within_deadline(service, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, or the error Celery raises for ``service`` after DEADLINE s
+    (so that stack.service_fault names it)."""
+    try:
+        return calls.submit(call, *args, **kwargs).result(timeout=DEADLINE)
+    except NoAnswer:
+        error = OperationalError if service == "broker" else BackendError
+        raise error(f"no answer within {DEADLINE} s") from None
+
+
 @web.get("/")
 def page():
     return web.send_static_file("index.html")
@@ -67,7 +89,7 @@ def start_slow_task():
             not 1 <= duration <= MAX_DURATION:
         raise BadRequest(f"duration must be a whole number of seconds from 1 to {MAX_DURATION}, "
                          f"not {body['duration']!r}")
-    result = tasks.slow_task.delay(duration)
+    result = within_deadline("broker", tasks.slow_task.delay, duration)
     return jsonify(id=result.id), 202
 
 
@@ -81,7 +103,8 @@ def task_result(task_id):
 @web.get("/api/tasks/<task_id>")
 def task_status(task_id):
     result = task_result(task_id)
-    state, info = result.state, result.info  # two reads of the same stored record
+    meta = within_deadline("result backend", result.backend.get_task_meta, task_id)
+    state, info = meta["status"], meta["result"]  # one read: state and info of one moment
     current, total, value = (0 if state in ("PENDING", "STARTED") else None), None, None
     if state == "PROGRESS" and isinstance(info, dict):
         current, total = info.get("current"), info.get("total")
@@ -96,11 +119,15 @@ def task_status(task_id):
 @web.delete("/api/tasks/<task_id>")
 def cancel_task(task_id):
     result = task_result(task_id)
-    if result.state in ("SUCCESS", "FAILURE", "REVOKED"):
-        return jsonify(error=f"task {task_id} already ended: {result.state}"), 409
+    cannot = stack.decide(NEEDS["cancel"], OFFERS)
+    if cannot:  # Amazon SQS: no broadcast reaches the workers
+        return jsonify(error=f"cannot cancel on this stack: {cannot}"), 501
+    state = within_deadline("result backend", result.backend.get_task_meta, task_id)["status"]
+    if state in ("SUCCESS", "FAILURE", "REVOKED"):
+        return jsonify(error=f"task {task_id} already ended: {state}"), 409
     # terminate: a task already running is stopped (SIGTERM to its pool process, prefork only);
     # one still waiting is dropped when a worker receives it. Either way it ends REVOKED.
-    result.revoke(terminate=True, signal="SIGTERM")
+    within_deadline("broker", result.revoke, terminate=True, signal="SIGTERM")
     return jsonify(id=task_id, state="REVOKED"), 202
 
 
@@ -113,6 +140,9 @@ def main(argv=None):
     print(f"web.py: http://{args.host}:{args.port}/ (broker {stack.mask(tasks.app.conf.broker_url)}"
           f", results {stack.mask(str(tasks.app.conf.result_backend))}); Ctrl-C stops it",
           flush=True)
+    for what, needs in NEEDS.items():
+        if stack.decide(needs, OFFERS):
+            print(f"web.py: no {what} on this stack: {stack.decide(needs, OFFERS)}", flush=True)
     # Flask's own server, threaded: enough for a demo. In production put the `web` object
     # behind a WSGI server (gunicorn web:web).
     web.run(host=args.host, port=args.port, threaded=True)

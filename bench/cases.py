@@ -28,7 +28,7 @@ TUNED = {
     "task_send_sent_event": False,
     "task_track_started": False,         # no STARTED write to the result backend
     "worker_disable_rate_limits": True,  # skip the rate-limit bookkeeping per message
-    "queue_priority": False,             # a plain queue: x-max-priority queues are slower
+    "queue_priority": False,             # a plain queue, as every demo queue but priority_queue
     "publisher_confirms": False,         # publish without waiting for RabbitMQ's confirmation
 }
 DEMO_WORKER = dict(pool="prefork", concurrency=None, loglevel="INFO", flags=())

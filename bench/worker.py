@@ -62,12 +62,12 @@ def make_app(settings=None):
     """The demo's configuration (celeryconfig) with a case's settings on top.
 
     Two settings are the benchmark's own: ``queue_priority`` (declare the queue with
-    x-max-priority, as the demo declares its queues) and ``publisher_confirms`` (False turns
+    x-max-priority, as the demo declares priority_queue; its other queues have no arguments) and ``publisher_confirms`` (False turns
     off the RabbitMQ publisher confirms that celeryconfig asks for). ``BENCH_BROKER_KEYPREFIX``
     puts every broker key of a Redis broker under the run's throw-away prefix.
     """
     settings = dict(settings or {})
-    priority = settings.pop("queue_priority", True)
+    priority = settings.pop("queue_priority", False)
     confirms = settings.pop("publisher_confirms", True)
     name = os.environ.get("BENCH_QUEUE", "bench")
     app = Celery("benchmark")
