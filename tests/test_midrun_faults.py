@@ -1,12 +1,13 @@
 """A service that fails in the middle of a run: every script ends in time and names it.
 
-    python -m pytest tests/test_midrun_faults.py -s
+    python -m pytest tests/test_midrun_faults.py -s -m "not serial"
+    python -m pytest tests/test_midrun_faults.py -s -m serial    # with nothing else
 
 Real `celery -A tasks worker` processes and a real client_fixed.py / run_demo.py reach the real
 RabbitMQ and Redis through stack.FaultProxy, which freezes them on command (sockets open,
-nothing answered: a paused VM, a partition). The alarm and stop_app tests change RabbitMQ for
-the whole machine and restore it in a ``finally``; run them when no other test run uses this
-RabbitMQ (``-k "not alarm and not restart"`` leaves them out).
+nothing answered: a paused VM, a partition). The alarm and stop_app tests (marked ``serial``)
+change RabbitMQ for the whole machine and restore it in a ``finally``: they would block or cut
+off any other run on this machine, so `make test` runs them alone, after every other test.
 Each test asserts the exit code, a generous time bound (the deadline + 15 s), that the
 message names the service, and that nothing it started is left running.
 """
@@ -194,41 +195,51 @@ ALARMS = {
 }
 
 
-@pytest.mark.parametrize("alarm", ALARMS)
-def test_a_rabbitmq_alarm_blocking_publishers_is_named_and_the_stack_works_again(
-        rabbit_env, tmp_path, alarm):
-    read, setter, trigger = ALARMS[alarm]
-    env = environment(**rabbit_env)
-    procs = stack.Processes(tmp_path / "run", env)
+@pytest.fixture(scope="module")
+def alarm_stack(module_env, tmp_path_factory):
+    """One worker for both alarms (each test raises its own and checks that the stack works
+    again afterwards): the same path, walked once."""
+    module_env.only_rabbit("the alarms are RabbitMQ's")
+    env = environment(**module_env)
+    procs = stack.Processes(tmp_path_factory.mktemp("alarm") / "run", env)
     start_worker(procs, "alarm", "celery")
     try:
         stack.wait_for_workers(_client(env), [f"alarm@{HOST}"], 60, procs)
-        before = stack.rabbitmqctl("eval", read).strip()  # restore what it was, not a guess
-        assert before and "error" not in before, before
-        if before.startswith("{absolute,"):  # a watermark given in bytes: `... absolute N`
-            before = ["absolute", before.strip("{}").split(",")[1]]
-        try:
-            stack.rabbitmqctl(setter, trigger)
-            stack.eventually(lambda: alarm in (stack.rabbitmq_alarms(stack.DEFAULT_BROKER) or []),
-                             f"the {alarm} alarm", 30)
-            client = Script("client_fixed.py", "--only", "basic", "--timeout", "30", env=env)
-            code, seconds = client.end(30 + GRACE)
-        finally:
-            stack.rabbitmqctl(setter, *([before] if isinstance(before, str) else before))
-        output = client.output
-        assert code == 2, output
-        assert f"RabbitMQ is blocking publishers: {alarm} alarm" in output, output
-        assert "rabbitmq-diagnostics alarms" in output and "Traceback" not in output
-        client.assert_nothing_left()
-        print(f"\n{alarm} alarm: client_fixed.py exit {code} after {seconds:.1f}s")
-
-        stack.eventually(lambda: stack.rabbitmq_alarms(stack.DEFAULT_BROKER) == [],
-                         "the alarm cleared", 30)
-        again = Script("client_fixed.py", "--only", "basic", "--timeout", "30", env=env)
-        assert again.end(30 + GRACE)[0] == 0, again.output
+        yield env
     finally:
         procs.stop_all(grace=5)
         assert procs.still_running() == []
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("alarm", ALARMS)
+def test_a_rabbitmq_alarm_blocking_publishers_is_named_and_the_stack_works_again(
+        alarm_stack, alarm):
+    read, setter, trigger = ALARMS[alarm]
+    env = alarm_stack
+    before = stack.rabbitmqctl("eval", read).strip()  # restore what it was, not a guess
+    assert before and "error" not in before, before
+    if before.startswith("{absolute,"):  # a watermark given in bytes: `... absolute N`
+        before = ["absolute", before.strip("{}").split(",")[1]]
+    try:
+        stack.rabbitmqctl(setter, trigger)
+        stack.eventually(lambda: alarm in (stack.rabbitmq_alarms(stack.DEFAULT_BROKER) or []),
+                         f"the {alarm} alarm", 30)
+        client = Script("client_fixed.py", "--only", "basic", "--timeout", "30", env=env)
+        code, seconds = client.end(30 + GRACE)
+    finally:
+        stack.rabbitmqctl(setter, *([before] if isinstance(before, str) else before))
+    output = client.output
+    assert code == 2, output
+    assert f"RabbitMQ is blocking publishers: {alarm} alarm" in output, output
+    assert "rabbitmq-diagnostics alarms" in output and "Traceback" not in output
+    client.assert_nothing_left()
+    print(f"\n{alarm} alarm: client_fixed.py exit {code} after {seconds:.1f}s")
+
+    stack.eventually(lambda: stack.rabbitmq_alarms(stack.DEFAULT_BROKER) == [],
+                     "the alarm cleared", 30)
+    again = Script("client_fixed.py", "--only", "basic", "--timeout", "30", env=env)
+    assert again.end(30 + GRACE)[0] == 0, again.output
 
 
 def _answering(env):
@@ -245,6 +256,7 @@ def _client(env):
     return Celery(broker=env["CELERY_BROKER_URL"], set_as_current=False)
 
 
+@pytest.mark.serial
 def test_hand_started_workers_and_beat_outlive_a_broker_restart(rabbit_env, tmp_path):
     """Longer than the old retry budget (5 retries, ~30 s): they used to exit for good."""
     env = environment(**rabbit_env)
