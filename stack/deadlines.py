@@ -1,9 +1,8 @@
 """What a client does when a service fails in the middle of a run: name it, stop, leave at once.
 
 Owns: PublishersBlocked, ``on_connection_blocked`` and ``raise_on_alarms`` (RabbitMQ's
-memory/disk alarm), ``service_fault`` (turns an exception
-from kombu, py-amqp or redis-py into one line naming the service, its masked URL and what to
-do), ``abandon_connections`` (drop every
+memory/disk alarm), ``service_fault`` (turns an exception from kombu, py-amqp or redis-py into
+one line naming the service, its masked URL and what to do), ``abandon_connections`` (drop every
 broker and Redis connection without a goodbye: a frozen peer never answers one), and
 ClientGuard (Ctrl-C, SIGTERM and a hard deadline end a client even while it is blocked on a
 socket). The timeouts themselves are settings, in celeryconfig.py ("timeouts and reconnection,
