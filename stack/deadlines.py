@@ -20,8 +20,6 @@ from urllib.parse import urlparse
 
 from kombu.utils.url import maybe_sanitize_url
 
-from . import capabilities
-
 __all__ = ["PublishersBlocked", "on_connection_blocked", "raise_on_alarms", "rabbitmq_alarms",
            "service_fault", "abandon_connections", "exit_now", "ClientGuard"]
 
@@ -60,7 +58,8 @@ def raise_on_alarms(app):
     """Give ``app``'s RabbitMQ connections ``on_connection_blocked``: a client (ClientGuard),
     a worker and beat (stack/worker_signals.py) call it. Not in celeryconfig: a callable is
     no setting that a copy of celeryconfig.py without stack/ could name."""
-    if capabilities.broker_kind(app.conf.broker_url) == "rabbitmq":
+    from .capabilities import broker_kind
+    if broker_kind(app.conf.broker_url) == "rabbitmq":
         app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}),
                                              "on_blocked": on_connection_blocked}
 
