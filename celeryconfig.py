@@ -49,6 +49,8 @@ if EXTRAS:
 
 def _folder(path, used_for, setting):
     """Create the folder ``path`` if it is not there; stop in one line if it cannot be used."""
+    if not path:
+        raise SystemExit(f"no folder given for {used_for}: set {setting}")
     try:
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):

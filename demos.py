@@ -193,7 +193,7 @@ def demo_rate_limit(ctx):
 def demo_periodic(ctx):
     """beat sends tasks.check_system on a schedule; a worker runs it."""
     # each run stores its report under one known task id, in its own state "CHECKED"
-    latest = AsyncResult(tasks.LATEST_CHECK, app=ctx.app)
+    latest = ctx.app.AsyncResult(tasks.LATEST_CHECK)
     since = time.time()
     while True:  # until a run that started after this demo did
         meta = latest.backend.get_task_meta(latest.id, cache=False)  # each run overwrites it

@@ -1,4 +1,4 @@
-"""What the demo adds to a worker's start, as Celery signal handlers.
+"""What the demo adds to the start of a worker (and beat), as Celery signal handlers.
 
 Loaded by Celery itself: celeryconfig names this module in ``imports`` (only where stack/ is
 there), and a worker imports those modules as it starts, before it sends ``worker_init``. A

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, python, run, wait_for_log
+from helpers import HOST, ROOT, client_app, python, run, start_worker, wait_for_log
 
 import stack
 
@@ -187,3 +187,22 @@ def test_an_unusable_folder_is_one_line_naming_it(case, command, tmp_path):
     lines = done.output.strip().splitlines()
     assert len(lines) == 1 and f"cannot use the folder {named}" in lines[0], done.output
     assert "a file is in the way" in lines[0]
+
+
+def test_the_rabbitmq_alarm_callback_reaches_clients_and_workers(rabbit_env, tmp_path):
+    """celeryconfig cannot name a callable: clients (ClientGuard) and workers (worker_init,
+    stack/worker_signals.py) add it with stack.raise_on_alarms."""
+    app = client_app(rabbit_env)
+    stack.raise_on_alarms(app)
+    with app.connection_for_write() as conn:
+        conn.connect()
+        assert conn.connection.on_blocked is stack.on_connection_blocked
+    procs = stack.Processes(tmp_path, rabbit_env)
+    try:
+        start_worker(procs, "alarmcb", "celery")
+        stack.wait_for_workers(app, [f"alarmcb@{HOST}"], 60, procs)
+        stats = app.control.inspect(timeout=2).stats() or {}
+        options = stats[f"alarmcb@{HOST}"]["broker"]["transport_options"]
+        assert options["on_blocked"] == "stack.deadlines.on_connection_blocked"
+    finally:
+        procs.stop_all()
