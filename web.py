@@ -11,9 +11,9 @@ The page (static/index.html) uses a JSON API that any other program may call too
                                                 (409 if it had already ended; 501 on SQS)
 
 Bad input is a 400 with a message saying what is wrong. A broker or result backend that does not
-answer is a 503 naming it, within the client deadlines of celeryconfig.py (a few seconds), never
-a hang. Flask, because it is small, well kept, and already installed here (moto's server needs
-it); the page polls the API every half second, which needs nothing from the server but JSON.
+answer is a 503 naming it within DEADLINE (8 s), never a hang. Flask, because it is small, well
+kept, and already installed here (moto's server needs it); the page polls the API every half
+second, which needs nothing from the server but JSON.
 """
 import argparse
 import re
@@ -23,6 +23,7 @@ from celery.exceptions import BackendError
 from celery.result import AsyncResult
 from flask import Flask, jsonify, request
 from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException
 
 import stack
 import tasks
@@ -53,7 +54,7 @@ def bad_request(exc):
 @web.errorhandler(Exception)
 def service_failed(exc):
     """A broker or result backend that did not answer: 503 naming it, else a plain 500."""
-    if getattr(exc, "code", None) and getattr(exc, "description", None):  # Flask's own 404, 405
+    if isinstance(exc, HTTPException):  # Flask's own: 404 for an unknown path, 405, ...
         return jsonify(error=exc.description), exc.code
     fault = stack.queue_conflict(str(exc)) or stack.service_fault(exc, tasks.app)
     if fault:

@@ -78,8 +78,8 @@ def worker_services():
 
 
 # --- What is there -----------------------------------------------------------------------
-def test_the_stack_has_broker_backend_workers_beat_flower_and_a_client():
-    assert {"rabbitmq", "redis", "beat", "flower", "client"} <= set(SERVICES)
+def test_the_stack_has_broker_backend_workers_beat_flower_web_and_a_client():
+    assert {"rabbitmq", "redis", "beat", "flower", "web", "client"} <= set(SERVICES)
     assert SERVICES["rabbitmq"]["image"].startswith("rabbitmq:3.")
     assert SERVICES["rabbitmq"]["image"].endswith("-management"), "Flower's broker page needs it"
     assert re.fullmatch(r"redis:7\.\d+", SERVICES["redis"]["image"]), "kombu 5.7 needs Redis 6.2+"
@@ -162,7 +162,7 @@ def test_ports_are_published_on_loopback_only():
             assert host == "127.0.0.1", f"{name} publishes {port} to every interface"
             published[int(container_port)] = name
     assert published == {5672: "rabbitmq", 15672: "rabbitmq", 6379: "redis", 5432: "postgres",
-                         5555: "flower"}
+                         5555: "flower", 8000: "web"}
 
 
 def test_no_password_is_hard_coded_and_every_variable_has_a_default():

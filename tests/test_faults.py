@@ -116,7 +116,8 @@ def test_an_early_ack_task_is_lost_with_its_worker(cluster):
     stack.wait_for_workers(app, [f"early@{HOST}"], 30)
 
     # 1. The pool child dies: the worker survives and marks the task FAILURE
-    reported = app.send_task("tasks.priority_task", ("reported", 60))
+    # priority_task is a plain task that holds its slot; sent to `celery`, the worker's queue
+    reported = app.send_task("tasks.priority_task", ("reported", 60), queue="celery")
     os.kill(active_on(app, f"early@{HOST}")[0]["worker_pid"], signal.SIGKILL)
     killed_at = time.monotonic()
     reported.get(timeout=30, propagate=False)
@@ -126,7 +127,7 @@ def test_an_early_ack_task_is_lost_with_its_worker(cluster):
     cluster.add_works("the worker goes on after losing a pool child")
 
     # 2. The whole worker dies: nobody will ever run or report the task
-    lost = app.send_task("tasks.priority_task", ("lost", 60))
+    lost = app.send_task("tasks.priority_task", ("lost", 60), queue="celery")
     active_on(app, f"early@{HOST}")
     os.killpg(worker.pid, signal.SIGKILL)
     start_worker(cluster.procs, "early2", "celery", "-c", "1")

@@ -305,3 +305,8 @@ def test_a_service_that_freezes_mid_run_gets_503_naming_it_not_a_hang(rabbit_env
         "the broker at" if service == "broker" else "the result backend (Redis) at")
     assert took < DEADLINE + 3, f"{took:.1f}s"  # web.py's own deadline, not kombu's 18 s
     print(f"\nfrozen {service}: 503 after {took:.1f}s: {answer.json()['error']}")
+
+
+def test_an_unknown_path_is_a_json_404(web):
+    answer = web.call("GET", "/api/nothing-here")
+    assert answer.status_code == 404 and "not found" in answer.json()["error"].lower()
