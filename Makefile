@@ -20,17 +20,16 @@ complete-demo: $(STAMP)
 	$(BIN)/python complete_demo.py
 
 # The suite in two phases. First every test but the `serial` ones, in JOBS processes
-# (pytest-xdist; each test goes to a free process, except that the tests sharing a fixture made
-# once per module, such as the hosts cluster or the in-process workers, run in one process: see
-# pytest_collection_modifyitems in tests/conftest.py). Each test has its own vhost, key prefix,
-# database and folder, so they can run side by side. Then, alone, the
+# (pytest-xdist; --dist loadscope runs a module's tests in one process, so that what they share,
+# such as the hosts cluster or the in-process workers, is made once). Each test has its own
+# vhost, key prefix, database and folder, so modules run side by side. Then, alone, the
 # tests that change RabbitMQ for the whole machine (an alarm, stop_app), which would block or
 # cut off every other test. Exit code 5 ("no tests collected": ARGS chose none of a phase's
 # tests) is not a failure; any other failure of either phase is.
 JOBS ?= 4
 test: $(STAMP)
 	@status=0; \
-	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadgroup -m "not serial" || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope -m "not serial" || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/python -m pytest $(ARGS) -n 0 -m serial || [ $$? -eq 5 ] || status=1; \
 	exit $$status
 

@@ -21,21 +21,6 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI=true, so no test may skip, but this one did: {reason}"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """For `make test`'s parallel run (pytest-xdist, --dist loadgroup): the tests that share a
-    fixture made once per module (the hosts cluster, in-process workers, a served worker) are
-    grouped so that one process runs them and makes it once; every other test goes to whichever
-    process is free. A test that names its own xdist_group keeps it."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        if item.get_closest_marker("xdist_group") or fixtures is None:
-            continue
-        if any(defs[-1].scope in ("module", "class", "package")
-               for defs in fixtures.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 @pytest.fixture
 def stack_env(tmp_path):
     """A throw-away stack for this test (RabbitMQ + Redis, or embedded)."""

@@ -14,6 +14,7 @@ measured (EXPECTED_UNSUPPORTED), so a demo that silently stops running fails her
 import json
 import subprocess
 import sys
+import uuid
 from contextlib import ExitStack
 
 import pytest
@@ -82,7 +83,7 @@ def resources(pair, exits, tmp):
         server = stack.Processes(tmp / "sqs-server")
         exits.callback(server.stop_all)
         url = stack.start_local_sqs(server)
-        env.update(CELERY_BROKER_URL=url, CELERY_BROKER_PREFIX=f"celery-demo-{tmp.name[-6:]}-")
+        env.update(CELERY_BROKER_URL=url, CELERY_BROKER_PREFIX=f"celery-demo-{uuid.uuid4().hex[:6]}-")
     return env
 
 
@@ -122,14 +123,7 @@ SQS = SQS_ALONE if rabbit_problem() and not ON_CI else ("sqs", "redis")
 PAIRS = [("redis", "redis"), ("rabbitmq", "postgresql"), ("rabbitmq", "rpc"), SQS]
 
 
-def own_process(pair):
-    """Under `make test`, each combination's run (and the tests that look into it) in a process
-    of its own, so the runs go side by side (see pytest_collection_modifyitems in conftest)."""
-    return pytest.mark.xdist_group("test_stacks-" + "+".join(pair))
-
-
-@pytest.mark.parametrize("pair", [pytest.param(pair, marks=own_process(pair)) for pair in PAIRS],
-                         ids="+".join)
+@pytest.mark.parametrize("pair", PAIRS, ids="+".join)
 def test_every_demo_passes_or_is_unsupported_as_the_table_says(runs, pair):
     broker, backend = pair
     env, code, report, output, left = runs(pair)
@@ -156,7 +150,6 @@ def test_every_demo_passes_or_is_unsupported_as_the_table_says(runs, pair):
         assert "then 1 of priority 9 (higher number first)" in priority["detail"]
 
 
-@own_process(("rabbitmq", "postgresql"))
 def test_postgresql_results_are_stored_in_postgresql(runs):
     import sqlalchemy
     env, code, _, output, _ = runs(("rabbitmq", "postgresql"))
@@ -176,7 +169,6 @@ def test_postgresql_results_are_stored_in_postgresql(runs):
     assert revoked == 3, stored  # expired, revoked while waiting, terminated while running
 
 
-@own_process(SQS)
 def test_sqs_has_no_flower_and_the_runs_queues_carry_its_prefix(runs):
     env, code, _, output, _ = runs(SQS)
     assert code == 0, output[-3000:]
