@@ -10,7 +10,6 @@ it, and that the run left nothing behind (vhost, Redis keys, queue messages, pro
 Counts are tiny: these runs prove the benchmark works, not how fast anything is.
 """
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,21 +17,18 @@ import time
 
 import pytest
 
-from helpers import ROOT, require_rabbit
+from helpers import ROOT, environment, require_rabbit
 import stack
 
 KINDS = {"per_message", "batched", "peer"}
-SERVICE_VARS = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX",
-                "CELERY_FS_ROOT")
 TINY = ["--quick", "--count", "100", "--samples", "20", "--timeout", "20"]
 PEERS = {"dramatiq", "huey", "rq"}
 
 
 def benchmark(*args, env=None, timeout=150):
     """Run `python benchmark.py ARGS` as a user would; return the finished process."""
-    clean = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
     return subprocess.run([sys.executable, "benchmark.py", *args], cwd=ROOT,
-                          env={**clean, **(env or {})}, capture_output=True, text=True,
+                          env=environment(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
 
 
