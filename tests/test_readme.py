@@ -86,6 +86,7 @@ def test_readme_journey_runs_as_written(stack_env, tmp_path):
         for node in NODES:
             assert f"{node}@{host}" in page.text
         # web.py, as the README says: its page, and its API starting a task the workers run
+        assert stack.wait_for_port("127.0.0.1", 8000, 30), processes.log_tail("web")
         assert "slow_task" in requests.get("http://127.0.0.1:8000/", timeout=5).text
         started = requests.post("http://127.0.0.1:8000/api/slow_task", json={"duration": 1},
                                 timeout=15).json()
