@@ -4,8 +4,9 @@ Used by run_demo.py, complete_demo.py, benchmark.py and the tests, so the path a
 the path the tests check. It knows nothing about the demos themselves. One concern a module:
 
     capabilities.py  what each broker, result backend and pool can do, and decide()
-    services.py    find and check brokers and result backends (masked URLs, clear errors)
-    processes.py   worker command lines, process groups with logs, waiting for workers
+    services.py    find and check brokers and result backends (masked URLs, clear errors,
+                   the fix for a queue RabbitMQ refuses to redeclare)
+    processes.py   worker command lines, process groups with logs, waiting for workers, web.py
     embedded.py    the no-install stack: safe filesystem:// transport, in-process workers
     compose.py     docker compose up/stop and the compose broker's URL
     localsqs.py    a local SQS-compatible server (moto) and a run's SQS queues

@@ -118,6 +118,7 @@ def test_readme_journey_runs_as_written(variant, request, tmp_path):
             assert f"{node}@{host}" in page.text
         # web.py, as the README says: its page, and its API starting a task the workers run
         web = f"http://127.0.0.1:{web_port}"
+        assert stack.wait_for_port("127.0.0.1", web_port, 30), processes.log_tail("web")
         assert "slow_task" in requests.get(f"{web}/", timeout=5).text
         started = requests.post(f"{web}/api/slow_task", json={"duration": 1}, timeout=15).json()
         stack.eventually(lambda: requests.get(f"{web}/api/tasks/{started['id']}",
