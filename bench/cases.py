@@ -180,15 +180,15 @@ def measure_celery(run, case, tag, count, profile=None):
                 cpu = CpuMeter(procs.pids())
                 started = time.time()
                 send(count)
-                done, last = wait_done(bench_app, names, procs, count, run.wait_for(count),
-                                       idle=run.timeout, renew=renew)
+                done, last = wait_done(run, bench_app, names, procs, count,
+                                       run.wait_for(count), idle=run.timeout, renew=renew)
         result = {"rate": done / (last - started) if done else 0.0, "sent": count,
                   "completed": done, "cpu_us": cpu.per_message(count)}
     finally:
         run.stop(bench_app, names, procs)
-        left = clean_up(bench_app, bench_queue)
+        left, what = clean_up(bench_app, bench_queue)
     if left:  # a message run twice, or one that never ran, would show here
-        result["error"] = f"{left} messages left in the queue"
+        result["error"] = f"{left} messages left in the queue" + (f": {what}" if what else "")
     return result
 
 

@@ -21,7 +21,7 @@ from stack.capabilities import is_kind
 
 from .profiling import CpuMeter
 from .run import bounded, deadline, wait_count
-from .worker import _done, noop
+from .worker import _done, noop, write_tally
 
 
 def cases(broker):
@@ -41,10 +41,7 @@ def peer_noop():
     noop()
     count = int(_done[0])
     if count % 500 == 1 or count == int(os.environ.get("BENCH_PEER_COUNT", 0)):
-        tally = os.environ["BENCH_TALLY"]
-        with open(tally + ".tmp", "w") as f:
-            json.dump({"count": count, "first": _done[1], "last": _done[2]}, f)
-        os.replace(tally + ".tmp", tally)
+        write_tally(os.environ["BENCH_TALLY"])
 
 
 def peer_name():

@@ -80,7 +80,7 @@ def print_report(report, console):
     for c in report["broker"] + report["cases"]:
         cpu = c["cpu_us"]
         table.add_row(c["name"], c["kind"], f"{c['min']:,.0f}", f"{c['median']:,.0f}",
-                      f"{c['max']:,.0f}", f"{c['ratio']:.2f}", f"{c['completed']}/{c['sent']}",
+                      f"{c['max']:,.0f}", "-" if c["ratio"] is None else f"{c['ratio']:.2f}", f"{c['completed']}/{c['sent']}",
                       str(cpu["client"]), str(cpu["workers"]), str(cpu["servers"]))
     console.print(table)
     lat = Table(title="Round trip add.delay(2, 2).get() in ms", title_justify="left")

@@ -1,9 +1,9 @@
 """Where one benchmark run works and how it waits: throw-away vhost / Redis prefix, a queue per
 case, worker processes, and a deadline on every wait.
 
-Owns: choosing the broker (``--broker rabbitmq|redis|embedded``), isolating the run (a
-throw-away RabbitMQ vhost, a Redis key prefix for the broker and the results, or a temporary
-folder) and removing it all afterwards; ``Run``, which starts a case's workers and stops them;
+Owns: choosing the broker (``--broker rabbitmq|redis|sqs|embedded``), isolating the run (a
+throw-away RabbitMQ vhost, a Redis key prefix for the broker and the results, SQS queues under a
+name prefix on a local SQS server, or a temporary folder) and removing it all afterwards; ``Run``, which starts a case's workers and stops them;
 asking the workers how far they got; and ``deadline``, which ends a wait that a frozen broker
 would otherwise make endless, even while it is blocked on a socket.
 """
@@ -102,34 +102,59 @@ def isolate(broker_name, cleanup, token):
     """
     # the one resolver (stack/resolve.py): --broker KIND, else the environment or the defaults
     folder = None
-    if broker_name == "embedded":
+    if broker_name in ("embedded", "sqs"):  # the embedded stack's folders, the SQS server's log
         import tempfile
         folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="celery-bench-"))
-    os.environ.update(stack.resolve(broker_name or "configured", "configured", folder))
+    started = {}
+    os.environ.update(stack.resolve(broker_name or "configured", "configured", folder, started))
+    server = started.get("services")  # a local SQS server (moto), unless the URL named one
+    if server:
+        cleanup.callback(server.stop_all, 5)
     broker, backend = os.environ["CELERY_BROKER_URL"], os.environ["CELERY_RESULT_BACKEND"]
     if not broker_name:  # resolve() checked a broker named by kind; this one is the user's
         stack.check_services(broker, backend)
     where = {"queue": f"bench-{token}", "vhost": None, "redis_prefix": None,
-             "broker_prefix": None, "token": token}
+             "broker_prefix": None, "token": token,
+             "sqs_server_pid": server.pids()[0] if server else None}
     if is_kind(broker, "rabbitmq") and stack.rabbitmqctl_usable():
-        url = cleanup.enter_context(stack.throwaway_vhost(broker, prefix=f"celery-bench-{token}"))
+        url = cleanup.enter_context(said(stack.throwaway_vhost(
+            broker, prefix=f"celery-bench-{token}"), "the run's vhost"))
         os.environ["CELERY_BROKER_URL"] = url
         where["vhost"] = urlparse(url).path[1:]
     # otherwise a shared vhost or another broker: every case's queue is deleted after it
     if is_kind(broker, "redis"):  # every broker key under the prefix
-        prefix = cleanup.enter_context(
-            stack.throwaway_redis_prefix(broker, prefix=f"celery-bench-{token}-broker"))
-        os.environ["BENCH_BROKER_KEYPREFIX"] = where["broker_prefix"] = prefix
+        prefix = cleanup.enter_context(said(stack.throwaway_redis_prefix(
+            broker, prefix=f"celery-bench-{token}-broker"), "the broker's keys"))
+        os.environ["CELERY_BROKER_PREFIX"] = where["broker_prefix"] = prefix  # celeryconfig
     if is_kind(backend, "redis", "result backend"):
-        prefix = cleanup.enter_context(
-            stack.throwaway_redis_prefix(backend, prefix=f"celery-bench-{token}"))
+        prefix = cleanup.enter_context(said(stack.throwaway_redis_prefix(
+            backend, prefix=f"celery-bench-{token}"), "the results' keys"))
         os.environ["CELERY_RESULT_KEYPREFIX"] = where["redis_prefix"] = prefix
     else:
         os.environ.pop("CELERY_RESULT_KEYPREFIX", None)
+    if is_kind(broker, "sqs"):  # every queue of the run under the prefix, deleted after
+        prefix = os.environ["CELERY_BROKER_PREFIX"] = where["broker_prefix"] = f"bench-{token}-"
+        cleanup.callback(bounded, lambda: stack.delete_sqs_queues(broker, prefix), 30,
+                         "deleting the run's SQS queues")
     for url in {u for u, role in ((broker, "broker"), (backend, "result backend"))
                 if is_kind(u, "redis", role)}:
         cleanup.callback(delete_redis_keys, url, f"*{token}*")  # the peers' keys
     return where
+
+
+@contextmanager
+def said(context, what):
+    """``context``, except that failing to undo it (the service went away meanwhile) is one
+    line naming what is left behind, not a traceback."""
+    value = context.__enter__()
+    try:
+        yield value
+    finally:
+        try:
+            context.__exit__(None, None, None)
+        except Exception as exc:
+            print(f"could not remove {what} ({value}): {type(exc).__name__}: "
+                  f"{str(exc)[:200]}", file=sys.stderr)
 
 
 def delete_redis_keys(url, pattern):
@@ -146,12 +171,15 @@ def delete_redis_keys(url, pattern):
 class Run:
     """Where and how this benchmark run works: queue, run folder, deadlines, processes."""
 
-    def __init__(self, queue, token, run_dir, timeout=30.0, deadline_factor=1.0):
+    def __init__(self, queue, token, run_dir, timeout=30.0, deadline_factor=1.0,
+                 remote_control=True):
         self.queue, self.token, self.run_dir = queue, token, run_dir
         self.host = socket.gethostname()
         self.worker_pids = []
         self.timeout = timeout * deadline_factor  # the filesystem stack is far slower
         self.factor = deadline_factor
+        # Without it (SQS) the workers write their progress to files: {node name: path}
+        self.remote_control, self.tallies = remote_control, {}
 
     def wait_for(self, count, rate=50):
         """The deadline of a wait for ``count`` messages: --timeout plus count / rate seconds."""
@@ -165,10 +193,10 @@ class Run:
     def processes(self, env=None):
         return stack.Processes(self.run_dir, env=env)
 
-    def start_process(self, procs, name, argv, profile=None):
+    def start_process(self, procs, name, argv, profile=None, env=None):
         if profile:  # the same command under cProfile, which writes its stats on exit
             argv = [argv[0], "-m", "cProfile", "-o", profile, *argv[1:]]
-        self.worker_pids.append(procs.start(name, argv).pid)
+        self.worker_pids.append(procs.start(name, argv, env=env).pid)
 
     def start(self, case, tag, profile=None):
         """Start the case's worker processes; return (Processes, node names)."""
@@ -184,16 +212,34 @@ class Run:
                 argv = [sys.executable, "-m", "celery", "-A", "bench.worker", "worker", *options]
             else:  # app.Worker() directly: the celery command imports every CLI plugin first
                 argv = [sys.executable, "-m", "bench.worker", "--worker", *options]
-            self.start_process(procs, short, argv, profile)
+            env = None
+            if not self.remote_control:
+                tally = self.tallies[f"{short}@{self.host}"] = os.path.join(self.run_dir,
+                                                                            f"{short}.tally")
+                env = {"BENCH_CELERY_TALLY": tally}
+            self.start_process(procs, short, argv, profile, env)
             names.append(f"{short}@{self.host}")
         return procs, names
 
     def wait_ready(self, app, names, procs):
-        stack.wait_for_workers(app, names, self.timeout, processes=procs)
+        if self.remote_control:
+            return stack.wait_for_workers(app, names, self.timeout, processes=procs)
+        # a worker writes its tally when it is ready
+        stack.eventually(lambda: check_alive(procs) or all(
+            os.path.exists(self.tallies[n]) for n in names), f"{', '.join(names)} ready",
+            self.timeout, interval=0.05)
+
+    def progress(self, app, names):
+        """{node: {"count", "first", "last"}} of every worker that answered or wrote a tally."""
+        if self.remote_control:
+            return progress(app, names)
+        from .peers import read_tally
+        return {n: tally for n in names for tally in read_tally(self.tallies[n])}
 
     def stop(self, app, names, procs):
         # Ask first: a worker without heartbeat takes up to 10 s to notice a SIGTERM.
-        if bounded(lambda: app.control.shutdown(destination=names) or True, 5, "shutdown"):
+        if self.remote_control and bounded(
+                lambda: app.control.shutdown(destination=names) or True, 5, "shutdown"):
             for _, proc, _ in procs.started:
                 try:
                     proc.wait(timeout=10)  # a profiled worker writes its stats while exiting
@@ -215,11 +261,11 @@ def progress(app, names, timeout=1.0):
     return {node: value for reply in replies for node, value in reply.items()}
 
 
-def wait_done(app, names, procs, expected, timeout, idle, renew=None):
+def wait_done(run, app, names, procs, expected, timeout, idle, renew=None):
     """Poll the workers' counts until ``expected`` tasks completed, nothing more completed for
     ``idle`` seconds, or ``timeout`` passed; return (completed, time of the last completion):
     a case that stalls shows how far it got."""
-    return wait_count(lambda: progress(app, names).values(), procs, expected, timeout, idle,
+    return wait_count(lambda: run.progress(app, names).values(), procs, expected, timeout, idle,
                       f"{expected} tasks done", renew=renew)
 
 
@@ -249,15 +295,28 @@ def wait_count(read, procs, expected, timeout, idle, what, interval=0.05, renew=
 
 def clean_up(bench_app, bench_queue):
     """Delete the case's queue and exchange and close the app's connections, each within a
-    deadline; return how many messages were still in the queue."""
+    deadline; return (how many messages were still in the queue, what they were)."""
     def remove():
         with bench_app.connection_for_write() as connection:
             queue = bench_queue(bench_app)(connection.default_channel)
             left = queue.queue_declare(passive=True).message_count
+            seen = [queue.get(no_ack=True) for _ in range(min(left, 100))]
             queue.delete()
             queue.exchange.delete()
-            return left
+            return left, leftovers([m for m in seen if m is not None])
     # None: never declared (the case failed early), or the broker is gone
     left = bounded(remove, 5, "deleting the case's queue")
     bounded(bench_app.close, 5, "closing the connections")
-    return left or 0
+    return left or (0, "")
+
+
+def leftovers(messages):
+    """What the messages left in a case's queue are: delivered to a worker before (redelivered:
+    it stopped without acknowledging them), and whether a task id is in there twice."""
+    if not messages:
+        return ""
+    redelivered = sum(bool(m.delivery_info.get("redelivered")) for m in messages)
+    ids = [(m.headers or {}).get("id") for m in messages]
+    twice = len(ids) - len(set(ids))
+    return (f"{redelivered} of {len(messages)} redelivered (a worker had received them and "
+            f"stopped without acknowledging them)" + (f", {twice} ids twice" if twice else ""))

@@ -11,7 +11,9 @@ and the Celery message its pre-built cases copy. A case's settings arrive as JSO
 demo's workers.
 
 Completion is measured without a result per task: the task counts itself in memory shared with
-prefork children, and the benchmark asks the workers for that count with ``bench_progress``.
+prefork children, and the benchmark asks the workers for that count with ``bench_progress``. On
+a broker without remote control (SQS) each worker writes it to the file ``BENCH_CELERY_TALLY``
+instead, first when it is ready (Celery's worker_ready signal), then whenever it changed.
 A final marker task would not do: with several pool slots or workers the marker can finish
 while earlier tasks are still queued elsewhere.
 """
@@ -20,11 +22,15 @@ import multiprocessing
 import os
 import socket
 import sys
+import threading
 import time
 
 from celery import Celery
+from celery.signals import worker_ready
 from celery.worker.control import inspect_command
 from kombu import Exchange, Queue
+
+import celeryconfig
 
 # Completed count, first and last completion time: shared memory, so prefork children (forked
 # after this import) all count into the same place.
@@ -58,13 +64,37 @@ def bench_progress(state):
     return {"count": int(_done[0]), "first": _done[1], "last": _done[2]}
 
 
+def write_tally(path):
+    """bench_progress's answer, in a file (replaced whole: a reader never sees half of it)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({"count": int(_done[0]), "first": _done[1], "last": _done[2]}, f)
+    os.replace(path + ".tmp", path)
+
+
+@worker_ready.connect(weak=False)
+def tally_from_now_on(**_):
+    path = os.environ.get("BENCH_CELERY_TALLY")
+    if not path:  # the benchmark asks with bench_progress
+        return
+
+    def keep_writing():  # in the worker's main process: prefork children count into _done
+        last = None
+        while True:
+            if tuple(_done) != last:
+                last = tuple(_done)
+                write_tally(path)
+            time.sleep(0.02)
+    write_tally(path)
+    threading.Thread(target=keep_writing, name="bench-tally", daemon=True).start()
+
+
 def make_app(settings=None):
     """The demo's configuration (celeryconfig) with a case's settings on top.
 
     Two settings are the benchmark's own: ``queue_priority`` (declare the queue with
-    x-max-priority, as the demo declares priority_queue; its other queues have no arguments) and ``publisher_confirms`` (False turns
-    off the RabbitMQ publisher confirms that celeryconfig asks for). ``BENCH_BROKER_KEYPREFIX``
-    puts every broker key of a Redis broker under the run's throw-away prefix.
+    x-max-priority, as the demo declares its priority_queue; its other queues are plain) and ``publisher_confirms`` (False turns
+    off the RabbitMQ publisher confirms that celeryconfig asks for). The run's throw-away prefix
+    for a Redis broker's keys comes as the demo's own ``CELERY_BROKER_PREFIX`` (celeryconfig).
     """
     settings = dict(settings or {})
     priority = settings.pop("queue_priority", False)
@@ -72,7 +102,7 @@ def make_app(settings=None):
     name = os.environ.get("BENCH_QUEUE", "bench")
     app = Celery("benchmark")
     app.config_from_object("celeryconfig")
-    arguments = {"x-max-priority": app.conf.task_queue_max_priority} if priority else None
+    arguments = {"x-max-priority": celeryconfig.MAX_PRIORITY} if priority else None
     app.conf.update(
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name,
                            queue_arguments=arguments)],
@@ -83,8 +113,6 @@ def make_app(settings=None):
     options = dict(app.conf.broker_transport_options or {})
     if not confirms and "confirm_publish" in options:
         options["confirm_publish"] = False
-    if os.environ.get("BENCH_BROKER_KEYPREFIX"):  # set only for a Redis broker (bench/run.py)
-        options["global_keyprefix"] = os.environ["BENCH_BROKER_KEYPREFIX"]
     app.conf.broker_transport_options = options
     # shared=False: other apps in the same process (tests) do not get these tasks
     app.task(name="bench.noop", shared=False)(noop)

@@ -154,6 +154,26 @@ def test_quick_on_the_embedded_filesystem_stack(tmp_path):
     assert_no_worker_left(report)
 
 
+def test_quick_on_a_local_sqs_server(tmp_path):
+    """The run starts its own SQS server (moto) and stops it; results in files, so that this
+    runs where there is no Redis. No remote control on SQS: the workers write their tallies."""
+    (tmp_path / "results").mkdir()
+    report = run_quick(tmp_path, "--broker", "sqs",
+                       env={"CELERY_RESULT_BACKEND": f"file://{tmp_path / 'results'}"})
+    check_report(report)
+    assert report["settings"]["broker"] == "sqs"
+    assert report["cleanup"]["broker_prefix"] == f"bench-{report['cleanup']['token']}-"
+    assert sorted(n.split()[0] for n in report["notes"] if "skipped" in n) == sorted(PEERS)
+    assert_no_worker_left(report)
+    server = report["cleanup"]["sqs_server_pid"]
+    assert server, "the run started its own SQS server"
+    try:
+        with open(f"/proc/{server}/cmdline", "rb") as f:
+            assert b"moto" not in f.read(), "the SQS server still runs"
+    except FileNotFoundError:
+        pass  # gone, as it should be
+
+
 def test_a_broker_that_does_not_answer_ends_the_run_naming_it():
     """A broker that accepts the connection and then says nothing: one line, exit code 2."""
     with socket.socket() as silent:
