@@ -309,12 +309,19 @@ def alive_in_groups(run_dir, job_pid):
     return alive
 
 
-def finish(proc, timeout):
-    """The output of a job started with start(); killed (and failed) if it overran."""
+def finish(proc, timeout, run_dir=None):
+    """The output of a job started with start(); killed (and failed) if it overran, with the
+    process groups it started (``run_dir``/pids.json: run_demo's workers, beat, Flower)."""
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        pids = Path(run_dir or "/nonexistent") / "pids.json"
+        for group in json.loads(pids.read_text())["processes"].values() if pids.exists() else ():
+            try:
+                os.killpg(group, signal.SIGKILL)  # each leads its own group: not the job's
+            except ProcessLookupError:
+                pass
         output, _ = proc.communicate()
         name = next((Path(a).name for a in proc.args if str(a).endswith(".py")), proc.args[0])
         pytest.fail(f"{name} still running after {timeout}s:\n{output[-4000:]}")

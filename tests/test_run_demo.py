@@ -28,7 +28,7 @@ DEAD_BROKER = "amqp://guest:secret@127.0.0.1:1//"
 
 def check_full_run(proc, run_dir, results, unsupported=()):
     """Every demo passed, but ``unsupported``, reported so with the capability table's reason."""
-    output = finish(proc, timeout=240)
+    output = finish(proc, timeout=240, run_dir=run_dir)
     assert proc.returncode == 0, output[-5000:]
     report = json.loads(results.read_text())
     assert report["passed"], report
@@ -144,7 +144,7 @@ def test_docker_mode_starts_the_compose_services_waits_for_them_and_stops_them(s
     run_dir = tmp_path / "run"
     proc = start(["--broker", "docker", "--only", "basic", "--run-dir", str(run_dir)],
                  environment(PATH=path, **stack_env), cwd=tmp_path)
-    output = finish(proc, timeout=120)
+    output = finish(proc, timeout=120, run_dir=run_dir)
     grant.join(60)
     assert proc.returncode == 0, output[-3000:]
     assert calls.read_text().splitlines() == [

@@ -102,7 +102,7 @@ class Runs:
             args = ["--broker", pair[0], "--backend", pair[1], "--run-dir", str(run_dir),
                     "--json", str(results)] + (["--flower"] if pair[0] == "sqs" else [])
             proc = start(args, clean_env(**env), cwd=tmp)
-            output = finish(proc, timeout=240)
+            output = finish(proc, timeout=240, run_dir=run_dir)
             left = alive_in_groups(run_dir, proc.pid)
             report = json.loads(results.read_text()) if results.exists() else {}
             self.done[pair] = (env, proc.returncode, report, output, left)
@@ -187,7 +187,7 @@ def test_run_demo_starts_and_stops_its_own_sqs_server(tmp_path):
     proc = start(["--broker", "sqs", "--backend", "file", "--only", "basic,canvas",
                   "--run-dir", str(run_dir)],
                  clean_env(), cwd=tmp_path)
-    output = finish(proc, timeout=120)
+    output = finish(proc, timeout=120, run_dir=run_dir)
     assert proc.returncode == 0, output[-3000:]
     assert "a local SQS-compatible server (moto) at sqs://demo:**@127.0.0.1:" in output
     assert "sqs-server" in json.loads((run_dir / "pids.json").read_text())["processes"]
