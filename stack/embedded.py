@@ -124,7 +124,11 @@ class FilesystemTransport(filesystem.Transport):
     between reads an empty message and stops with ``Unrecoverable error:
     JSONDecodeError('Expecting value: line 1 column 1 (char 0)')``. Here a message is written
     under a hidden name and renamed into place, which is atomic; exchange tables (the
-    bindings behind broadcast and ping) are read and updated under a lock.
+    bindings behind broadcast and ping) are read and updated under a lock. And kombu never
+    unbinds a queue there (celery/kombu#1280: "Exchange bindings are never deleted"; #2437
+    added the unbinding, but nothing calls it for a queue whose process left), so every
+    broadcast kept writing a file for each worker that ever ran: here a worker that stops
+    unbinds its mailbox, and a mailbox nobody read for ``stale_after`` seconds is dropped.
     """
     Channel = _WholeMessageChannel
 
