@@ -21,15 +21,15 @@ complete-demo: $(STAMP)
 
 # The suite in two phases. First every test but the `serial` ones, in JOBS processes
 # (pytest-xdist; --dist loadscope runs a module's tests in one process, so that what they share,
-# such as the hosts cluster or the in-process workers, is made once). Each test has its own
-# vhost, key prefix, database and folder, so modules run side by side. Then, alone, the
-# tests that change RabbitMQ for the whole machine (an alarm, stop_app), which would block or
-# cut off every other test. Exit code 5 ("no tests collected": ARGS chose none of a phase's
+# such as the hosts cluster or the in-process workers, is made once; the longest modules go
+# first, see SLOWEST_FIRST in tests/conftest.py). Each test has its own vhost, key prefix,
+# database and folder, so modules run side by side. Then, alone, the tests that change RabbitMQ
+# for the whole machine (an alarm, stop_app), which would block or cut off every other test. Exit code 5 ("no tests collected": ARGS chose none of a phase's
 # tests) is not a failure; any other failure of either phase is.
 JOBS ?= 4
 test: $(STAMP)
 	@status=0; \
-	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope -m "not serial" || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope --no-loadscope-reorder -m "not serial" || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/python -m pytest $(ARGS) -n 0 -m serial || [ $$? -eq 5 ] || status=1; \
 	exit $$status
 
