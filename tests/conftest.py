@@ -28,6 +28,7 @@ SLOWEST_FIRST = ("test_hosts", "test_stacks", "test_midrun_faults", "test_benchm
                  "test_run_demo", "test_faults", "test_bad_input")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first
 def pytest_collection_modifyitems(items):
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: per module

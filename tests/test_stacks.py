@@ -83,7 +83,9 @@ def resources(pair, exits, tmp):
         server = stack.Processes(tmp / "sqs-server")
         exits.callback(server.stop_all)
         url = stack.start_local_sqs(server)
-        env.update(CELERY_BROKER_URL=url, CELERY_BROKER_PREFIX=f"celery-demo-{uuid.uuid4().hex[:6]}-")
+        # SQS queue names allow letters, digits, - and _ only (a pair's folder name has a +)
+        env.update(CELERY_BROKER_URL=url,
+                   CELERY_BROKER_PREFIX=f"celery-demo-{uuid.uuid4().hex[:6]}-")
     return env
 
 
