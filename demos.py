@@ -231,8 +231,8 @@ def demo_callbacks(ctx):
 def demo_logging(ctx):
     """A task logs with get_task_logger: its lines, with task name and id, are in the worker's log."""
     result = tasks.log_work.delay(3)
-    count = wait(ctx, result, "celery")
-    check(count == 3, f"log_work(3) returned {count!r}")
+    logged = wait(ctx, result, "celery")
+    check(logged == 3, f"log_work(3) returned {logged!r}")
     return (f"log_work logged 3 lines; the default worker's log (-l INFO) shows "
             f"`tasks.log_work[{result.id[:8]}...]: working on item 1 of 3`")
 
@@ -302,8 +302,8 @@ def demo_inspect(ctx):
     consumed = {q["name"] for qs in queues.values() for q in qs}
     missing = {q.name for q in ctx.app.conf.task_queues} - consumed
     check(not missing, f"no worker consumes {sorted(missing)}")
-    count = max(len(names) for names in registered.values()) if registered else 0
-    return f"{len(queues)} workers answered; queues {sorted(consumed)}; {count} tasks registered"
+    known = max(len(names) for names in registered.values()) if registered else 0
+    return f"{len(queues)} workers answered; queues {sorted(consumed)}; {known} tasks registered"
 
 
 # How long each lesson may take, where the default (10 s) is too short: its tasks' own

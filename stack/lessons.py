@@ -92,7 +92,7 @@ class Context:
         """(urgent, routine, how this broker orders them): RabbitMQ hands out the highest
         number first, Redis the lowest (0 is the most urgent)."""
         urgent, routine = self.offers.broker.priority_levels()
-        return urgent, routine, f"{self.offers.broker.kind}: {self.offers.broker.priority}"
+        return urgent, routine, self.offers.broker.priority
 
     def worker_slots(self, queue):
         """How many tasks of ``queue`` the workers take at once (pool slots + prefetch), asked

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import client_app, start_worker
+from helpers import client_app, start_worker
 
 import stack
 

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import pytest
 
 import stack
-from conftest import ROOT, client_app, require_rabbit, run, skip, throwaway_stack
+from helpers import ROOT, client_app, require_rabbit, run, skip, throwaway_stack
 
 MARKER = re.compile(r"<!-- other-apps: (\w+) -->\n```bash\n(.*?)```", re.S)
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import stack
-from conftest import ROOT, client_app, environment, print_logs_if_failed, skip
+from helpers import ROOT, client_app, environment, print_logs_if_failed, skip
 from test_run_demo import alive_in_groups, start
 
 
