@@ -131,6 +131,9 @@ QUEUE_TYPE = os.environ.get("CELERY_QUEUE_TYPE", "classic")
 if QUEUE_TYPE not in ("classic", "quorum"):
     raise SystemExit(f"CELERY_QUEUE_TYPE must be 'classic' or 'quorum', not {QUEUE_TYPE!r}")
 MAX_PRIORITY = 10
+if QUEUE_TYPE == "quorum":  # Celery gap: a countdown under 1 s fails there (stack/celery_gaps.py)
+    from stack.celery_gaps import sub_second_countdowns
+    sub_second_countdowns()
 QUEUE_NAMES = ("celery", "fast_queue", "slow_queue", "network_queue", "priority_queue")
 
 
@@ -252,7 +255,7 @@ def summary():
 def effective_pair():
     """Which broker and result backend this configuration uses, and what they cannot do."""
     from stack import capabilities
-    offers = capabilities.offers_for(broker_url, result_backend)
+    offers = capabilities.offers_for(broker_url, result_backend, queue_type=QUEUE_TYPE)
     from kombu.utils.url import maybe_sanitize_url as masked
     lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "
              f"result backend: {offers.backend.kind} ({masked(result_backend)})"]

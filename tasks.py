@@ -50,11 +50,15 @@ def refuse_to_start_without_result_backend(sender, **kwargs):
 
 @worker_init.connect
 def work_around_celery_gaps(sender, **kwargs):
-    """A worker must notice a dead broker connection and survive reconnecting to it: two
-    Celery 5.7 bugs, worked around in stack/celery_gaps.py (each names its upstream issue)."""
-    from stack.celery_gaps import bound_event_retries, track_only_live_children
+    """A worker must notice a dead broker connection and survive reconnecting to it, also to
+    another node of a cluster: Celery 5.7 bugs, worked around in stack/celery_gaps.py (each
+    names its upstream issue)."""
+    from stack.celery_gaps import (bound_event_retries, declare_queues_before_delay_binding,
+                                   delayed_delivery_on_current_node, track_only_live_children)
     bound_event_retries()
     track_only_live_children()
+    delayed_delivery_on_current_node()
+    declare_queues_before_delay_binding()
 
 
 # --- Basics ---------------------------------------------------------------------------------

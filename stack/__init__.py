@@ -15,13 +15,13 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
-    celery_gaps.py two Celery worker bugs worked around (installed by tasks.py at worker_init;
-                   not imported here)
+    celery_gaps.py Celery bugs worked around (installed by tasks.py at worker_init, or by
+                   celeryconfig.py for quorum queues; not imported here)
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
 from . import capabilities  # noqa: F401
-from .capabilities import decide, offers_for  # noqa: F401
+from .capabilities import decide, offers_for, offers_of  # noqa: F401
 from .services import *  # noqa: F401,F403
 from .processes import *  # noqa: F401,F403
 from .embedded import *  # noqa: F401,F403

@@ -1,11 +1,13 @@
-"""Workarounds for two gaps in Celery 5.7's worker, each in one function, each with its issue.
+"""Workarounds for gaps in Celery 5.7, each in one function, each with its issue.
 
-Both are installed from tasks.py at worker_init (a worker's start), and only there: clients
-never load them. Remove each when the Celery release that fixes it is pinned.
+The worker's are installed from tasks.py at worker_init (a worker's start), and only there;
+sub_second_countdowns, which clients need too, from celeryconfig.py when the queues are quorum
+queues. Remove each when the Celery release that fixes it is pinned.
 """
 import functools
 
-__all__ = ["bound_event_retries", "track_only_live_children"]
+__all__ = ["bound_event_retries", "track_only_live_children", "sub_second_countdowns",
+           "delayed_delivery_on_current_node", "declare_queues_before_delay_binding"]
 
 # One quick retry for an event the worker sends: see bound_event_retries
 EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 1,
@@ -61,3 +63,81 @@ def track_only_live_children():
 
     track_live.skips_untracked = True
     AsynPool._track_child_process = track_live
+
+
+def sub_second_countdowns():
+    """Let a countdown under one second work on quorum queues (native delayed delivery).
+
+    Celery gap (no upstream issue found; reproduction in docs/cluster.md): with quorum queues,
+    ``apply_async(countdown=0.3)`` and ``self.retry(countdown=0.1)`` raise
+    ``ValueError: countdown must be a positive number``: Celery passes ``int(countdown)``, 0,
+    to kombu's ``calculate_routing_key``, which refuses it. A routing key of 28 zero bits
+    passes every delay level at once; the message still carries its ETA, and the worker holds
+    it for the rest of the second, as it does on classic queues.
+    """
+    import celery.app.base as base
+    from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE as BITS
+    calculate = base.calculate_routing_key
+    if getattr(calculate, "allows_zero", False):
+        return
+
+    @functools.wraps(calculate)
+    def calculate_routing_key(countdown, routing_key):
+        if countdown == 0:  # the key of 1 s with its last bit cleared (prefix stripping kept)
+            return "0." * BITS + calculate(1, routing_key)[2 * BITS:]
+        return calculate(countdown, routing_key)
+
+    calculate_routing_key.allows_zero = True
+    base.calculate_routing_key = calculate_routing_key
+
+
+def delayed_delivery_on_current_node():
+    """Set up native delayed delivery over the consumer's own broker only, not every URL.
+
+    Celery gap (celery/celery#9960, #9912, #10111; the failover hangs of #3921 and #4075):
+    with a failover list (``amqp://a;amqp://b;amqp://c``), the DelayedDelivery consumer step
+    declares its exchanges and queues on *every* URL of the list, retrying each. With one node
+    cut off (no FIN), each attempt waits on that node longer than the heartbeat, the
+    consumer's own connection is dropped, the consumer restarts and starts over: measured,
+    0 consumers for 4+ minutes, until the node came back. The topology lives in the cluster,
+    not on a node, so declaring it once, on the node the consumer is connected to, is enough.
+    """
+    from celery.worker.consumer.delayed_delivery import DelayedDelivery
+    start = DelayedDelivery.start
+    if getattr(start, "current_node_only", False):
+        return
+
+    @functools.wraps(start)
+    def start_on_current_node(self, c):
+        if c.connection is not None and c.connection.connected:
+            here = c.connection.as_uri(include_password=True)
+            self._validate_broker_urls = lambda urls: {here}  # this step's list of URLs
+        return start(self, c)
+
+    start_on_current_node.current_node_only = True
+    DelayedDelivery.start = start_on_current_node
+
+
+def declare_queues_before_delay_binding():
+    """Declare each queue (and its exchange) before binding it for native delayed delivery.
+
+    Celery gap (celery/celery#9960; its fix, celery/celery#9959, goes on to the next queue but
+    still leaves this one unbound): a worker binds *every* queue of ``task_queues`` to the
+    delayed delivery exchange, and a queue no worker has declared yet fails with
+    ``NOT_FOUND - no exchange 'fast_queue'``: the worker logs "Failed to setup delayed
+    delivery ... will not be available", and a countdown task sent to that queue before its
+    own worker starts is dropped when it is due (no binding routes it). Declaring is what a
+    client does before it publishes; it changes nothing for a queue that exists.
+    """
+    from celery.worker.consumer import delayed_delivery as step
+    bind = step.bind_queue_to_native_delayed_delivery_exchange
+    if getattr(bind, "declares", False):
+        return
+
+    @functools.wraps(bind)
+    def declare_and_bind(connection, queue, *args, **kwargs):
+        queue.bind(connection.default_channel).declare()
+        return bind(connection, queue, *args, **kwargs)
+
+    declare_and_bind.declares = True
+    step.bind_queue_to_native_delayed_delivery_exchange = declare_and_bind

@@ -223,8 +223,7 @@ class Live:
     def context(self, **kwargs):
         """A demo context with what this stack offers (in-process workers: the threads pool)."""
         import demos
-        offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend,
-                                  pool="threads")
+        offers = stack.offers_of(self.app, pool="threads")
         return demos.Context(app=self.app, offers=offers, **kwargs)
 
 
