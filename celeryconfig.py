@@ -56,6 +56,13 @@ if result_backend.startswith("file://"):
 if broker_url.startswith("memory://"):
     broker_transport_options = {"polling_interval": 0.05}
 
+# A RabbitMQ cluster: CELERY_BROKER_URL lists its nodes, separated by ";" (docs/cluster.md), and
+# kombu moves on to the next when one fails; a kombu gap made that wait up to a minute on a node
+# that was cut off (stack/celery_gaps.py).
+if ";" in broker_url:
+    from stack.celery_gaps import failover_without_goodbye
+    failover_without_goodbye()
+
 # RabbitMQ: a publish returns only once the broker confirms it holds the message. Without
 # confirms, a message the broker refuses (bigger than its max_message_size, 128 MiB) is dropped
 # silently and its task stays PENDING forever; with them apply_async raises PRECONDITION_FAILED.

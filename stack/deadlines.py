@@ -83,7 +83,7 @@ def service_fault(exc, app):
     """One line naming the failed service and what to do, or None if ``exc`` is no service fault."""
     from amqp.exceptions import AMQPError
     from kombu.exceptions import KombuError
-    broker = maybe_sanitize_url(str(app.conf.broker_url))
+    broker = "; ".join(maybe_sanitize_url(url) for url in str(app.conf.broker_url).split(";"))
     backend = maybe_sanitize_url(str(app.conf.result_backend))
     cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
     if isinstance(exc, PublishersBlocked):
