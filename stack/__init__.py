@@ -12,11 +12,12 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
     flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
     hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
-    brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
+    brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis,
+    cluster.py     a RabbitMQ cluster of three broker hosts (docs/cluster.md)
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
     celery_gaps.py Celery bugs worked around (installed by tasks.py at worker_init, or by
-                   celeryconfig.py for quorum queues; not imported here)
+                   celeryconfig.py for quorum queues and failover lists; not imported here)
 
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """

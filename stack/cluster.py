@@ -20,15 +20,17 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .brokerhost import await_rabbit, redis_conf, start_broker_host, start_rabbit
-from .hosts import Hosts
+from .hosts import PREFIX, Hosts, namespaces
 
 NODE_HOSTS = ("rabbit1", "rabbit2", "rabbit3")
 WORKER_HOSTS = ("worker1", "worker2")
 # client .3; rabbit1..3 .11-.13; results (Redis) .14; worker1, worker2 .15, .16
 HOST_NAMES = ["client", *NODE_HOSTS, "results", *WORKER_HOSTS]
 NETNS_ETC = Path("/etc/netns")
-# A node that loses sight of the majority stops serving (no split brain); see docs/cluster.md
-CLUSTER_CONF = "cluster_partition_handling = pause_minority\n"
+# A node that loses sight of the majority stops serving (no split brain); a node that went
+# silent is declared down after net_ticktime (60 s by default: a quorum queue whose leader was
+# cut off accepted nothing for over a minute); see docs/cluster.md
+CLUSTER_CONF = "cluster_partition_handling = pause_minority\nnet_ticktime = 10\n"
 
 
 def hosts_file(hosts):
@@ -37,7 +39,12 @@ def hosts_file(hosts):
 
 
 def write_hosts_files(hosts):
-    """Give every host of ``hosts`` an /etc/hosts naming the nodes; removed at close."""
+    """Give every host of ``hosts`` an /etc/hosts naming the nodes; removed at close (and those
+    of a run that was SIGKILLed, whose namespaces Hosts has removed, now)."""
+    alive = set(namespaces())
+    for stale in NETNS_ETC.glob(f"{PREFIX}-*"):
+        if stale.name not in alive:
+            shutil.rmtree(stale, ignore_errors=True)
     made = []
     for host in hosts.hosts.values():
         folder = NETNS_ETC / host.ns
