@@ -90,6 +90,10 @@ if result_backend.startswith("file://"):
 if broker_url.startswith("memory://"):
     broker_transport_options = {"polling_interval": 0.05}
 
+# A RabbitMQ cluster: CELERY_BROKER_URL lists its nodes, separated by ";" (docs/cluster.md), and
+# kombu moves on to the next when one fails. (A kombu gap made that wait up to a minute on a
+# node that was cut off: the demo's clients and workers work around it, stack/celery_gaps.py.)
+
 # RabbitMQ: a publish returns only once the broker confirms it holds the message. Without
 # confirms, a message the broker refuses (bigger than its max_message_size, 128 MiB) is dropped
 # silently and its task stays PENDING forever; with them apply_async raises PRECONDITION_FAILED.
@@ -286,7 +290,7 @@ def effective_pair():
     """Which broker and result backend this configuration uses, and what they cannot do
     (stack/capabilities.py: one of the extras)."""
     from stack import capabilities
-    offers = capabilities.offers_for(broker_url, result_backend)
+    offers = capabilities.offers_for(broker_url, result_backend, queue_type=QUEUE_TYPE)
     from kombu.utils.url import maybe_sanitize_url as masked
     lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "
              f"result backend: {offers.backend.kind} ({masked(result_backend)})"]

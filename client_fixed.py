@@ -62,8 +62,7 @@ def make_context():
     return demos.Context(
         app=tasks.app,
         # What this broker and result backend can carry; the workers run the prefork pool
-        offers=stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend,
-                                pool="prefork"),
+        offers=stack.offers_of(tasks.app, pool="prefork"),
         # In docker compose the workers reach this client's flaky HTTP server by its service name
         http_host=os.environ.get("DEMO_HTTP_HOST", "127.0.0.1"),
         http_bind=os.environ.get("DEMO_HTTP_BIND", "127.0.0.1"))

@@ -30,8 +30,7 @@ def main():
     console = Console()
     queues = [queue.name for queue in tasks.app.conf.task_queues]
     # in-process workers run the threads pool: memory:// cannot be shared with child processes
-    ctx = demos.Context(app=tasks.app, offers=stack.offers_for(
-        tasks.app.conf.broker_url, tasks.app.conf.result_backend, pool="threads"))
+    ctx = demos.Context(app=tasks.app, offers=stack.offers_of(tasks.app, pool="threads"))
     outcomes = []
     with tempfile.TemporaryDirectory() as run_dir:
         console.print(f"[bold]Starting in-process workers for {', '.join(queues)} and beat[/]")

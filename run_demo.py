@@ -108,7 +108,7 @@ def run(args, run_dir, started):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), os.environ.get("PYTHONPATH"))))
     os.environ.update(env)  # for this process (pings) and every child
     import tasks  # only now: celeryconfig reads the environment set just above
-    offers = stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
+    offers = stack.offers_of(tasks.app)
     for feature, why in offers.missing():  # the demos that need these are reported unsupported
         say(f"[yellow]{offers.name()} cannot do {feature}: {escape(why)}[/]")
     flower_port = stack.free_port(5555) if args.flower else None

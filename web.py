@@ -38,7 +38,7 @@ MAX_DURATION = 600  # seconds: a page is not the place for longer work
 DEADLINE = 8
 calls = ThreadPoolExecutor(max_workers=16, thread_name_prefix="celery-call")
 # What the page needs of the stack (stack/capabilities.py says which stacks lack what, and why)
-OFFERS = stack.offers_for(tasks.app.conf.broker_url, tasks.app.conf.result_backend)
+OFFERS = stack.offers_of(tasks.app)
 NEEDS = {"progress": ("shared_results", "result_polling"), "cancel": ("remote_control",)}
 
 

@@ -13,12 +13,14 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     testing.py     throw-away vhosts and Redis key prefixes for tests and benchmarks
     flaky.py       a local HTTP server that fails N times, then answers (the retry demo)
     hosts.py       network-namespace "hosts" on this machine (root only; not imported here:
-    brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis
+    brokerhost.py  `python -m stack.hosts`), the broker host's own RabbitMQ and Redis,
+    cluster.py     a RabbitMQ cluster of three broker hosts (docs/cluster.md)
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
     resolve.py     the one resolver: defaults, environment, --broker/--backend, auto fallback
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
-    celery_gaps.py two Celery worker bugs worked around (installed at worker_init; not
-                   imported here)
+    celery_gaps.py Celery and kombu bugs worked around, each with its upstream issue (installed
+                   by worker_signals.py in workers and beat, by install_client_workarounds in
+                   this project's clients; not imported here)
     worker_signals.py  a worker's start-up checks and the workarounds, as signal handlers:
                    celeryconfig's ``imports`` names it (not imported here)
     lessons.py     the harness under demos.py: registry, Context, wait, Outcome (imported by
@@ -27,7 +29,7 @@ the path the tests check. It knows nothing about the demos themselves. One conce
 ``import stack`` gives all of them, so scripts write ``stack.check_broker(...)``.
 """
 from . import capabilities  # noqa: F401
-from .capabilities import decide, offers_for  # noqa: F401
+from .capabilities import decide, offers_for, offers_of  # noqa: F401
 from .services import *  # noqa: F401,F403
 from .processes import *  # noqa: F401,F403
 from .embedded import *  # noqa: F401,F403

@@ -34,6 +34,9 @@ class BrokerHost:
     password: str
     vhost: str
     redis_password: str
+    node: str = NODE        # a cluster's nodes are rabbit@<host name> (stack/cluster.py)
+    loopback: bool = True   # epmd and the CLI port on loopback only; a cluster node needs them
+    #                         on its address, where the other nodes reach them
 
     @property
     def address(self):
@@ -56,15 +59,18 @@ class BrokerHost:
         """Environment under which rabbitmq-server and rabbitmqctl find this node (and not the
         machine's): the node name, its folders, its cookie (in HOME), no env file of /etc."""
         f = self.folder
-        return {"HOME": str(f), "RABBITMQ_NODENAME": NODE,
+        env = {"HOME": str(f), "RABBITMQ_NODENAME": self.node,
                 "RABBITMQ_CONF_ENV_FILE": str(f / "rabbitmq-env.conf"),
                 "RABBITMQ_CONFIG_FILE": str(f / "rabbitmq.conf"),
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(f / "advanced.config"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(f / "enabled_plugins"),
-                "RABBITMQ_MNESIA_BASE": str(f / "mnesia"), "RABBITMQ_LOG_BASE": str(f / "log"),
-                "ERL_EPMD_ADDRESS": "127.0.0.1",  # epmd and the CLI port: loopback only
-                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-                "PATH": f"{f / 'bin'}:{os.environ['PATH']}"}
+               "RABBITMQ_MNESIA_BASE": str(f / "mnesia"), "RABBITMQ_LOG_BASE": str(f / "log"),
+               "PATH": f"{f / 'bin'}:{os.environ['PATH']}"}
+        if self.loopback:
+            env.update({"ERL_EPMD_ADDRESS": "127.0.0.1",  # epmd and the CLI port: loopback only
+                        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
+                            "-kernel inet_dist_use_interface {127,0,0,1}"})
+        return env
 
     def rabbitmqctl(self, *args, timeout=60, check=True):
         """`rabbitmqctl ARGS` against this node, run on the broker host."""
@@ -97,44 +103,66 @@ def redis_conf(address, password, folder):
 
 
 def start_broker_host(hosts, host="broker", user="demo", vhost="demo", password=None,
-                      redis_password=None, timeout=90):
+                      redis_password=None, timeout=90, node=NODE, conf_extra="", redis=True,
+                      cookie=None, wait=True):
     """Start RabbitMQ and Redis on ``host`` of ``hosts``; create ``user`` and ``vhost``.
 
     Returns a BrokerHost (URLs, rabbitmqctl). The servers stop when ``hosts`` closes.
+    A cluster node (stack/cluster.py) has its own ``node`` name, more configuration
+    (``conf_extra``), the cluster's Erlang ``cookie``, no Redis, and is waited for later
+    (``wait=False``, then ``await_rabbit``: the nodes start side by side).
     """
     folder = hosts.run_dir / f"{host}-servers"
     (folder / "bin").mkdir(parents=True, exist_ok=True)
     broker = BrokerHost(hosts, host, folder, user, password or secrets.token_urlsafe(12), vhost,
-                        redis_password or secrets.token_urlsafe(12))
+                        redis_password or secrets.token_urlsafe(12), node=node,
+                        loopback=cookie is None)
     address = broker.address
-    (folder / "rabbitmq.conf").write_text(rabbitmq_conf(address))
+    (folder / "rabbitmq.conf").write_text(rabbitmq_conf(address) + conf_extra)
     (folder / "rabbitmq-env.conf").write_text("# nothing: not /etc/rabbitmq/rabbitmq-env.conf\n")
     (folder / "enabled_plugins").write_text("[].\n")  # no plugins: starts in seconds
-    (folder / "redis.conf").write_text(redis_conf(address, broker.redis_password, folder))
+    if cookie:  # every node of a cluster, and its CLI tools, must present the same cookie
+        (folder / ".erlang.cookie").write_text(cookie)
+        (folder / ".erlang.cookie").chmod(0o400)
     # `rabbitmqctl` on the broker host's PATH is this node's (the docs' commands run verbatim)
-    wrapper = folder / "bin" / "rabbitmqctl"
-    wrapper.write_text(f'#!/bin/sh\nexec {RABBIT_BIN}/rabbitmqctl "$@"\n')
-    wrapper.chmod(0o755)
+    for tool in ("rabbitmqctl", "rabbitmq-queues"):
+        wrapper = folder / "bin" / tool
+        wrapper.write_text(f'#!/bin/sh\nexec {RABBIT_BIN}/{tool} "$@"\n')
+        wrapper.chmod(0o755)
 
-    hosts.start(host, "redis-server", ["redis-server", str(folder / "redis.conf")])
-    hosts.start(host, "rabbitmq-server", [f"{RABBIT_BIN}/rabbitmq-server"],
-                env=broker.rabbit_env())
+    if redis:
+        (folder / "redis.conf").write_text(redis_conf(address, broker.redis_password, folder))
+        hosts.start(host, "redis-server", ["redis-server", str(folder / "redis.conf")])
+    start_rabbit(broker)
     hosts.closers.append(lambda: stop_rabbit(broker))
-    deadline = time.monotonic() + timeout
-    while True:
-        done = hosts.run(host, [f"{RABBIT_BIN}/rabbitmqctl", "-q", "await_startup",
-                                "--timeout", "5"], env=broker.rabbit_env(), timeout=30)
-        if done.returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            raise HostsUnavailable(f"the broker host's RabbitMQ did not start within "
-                                   f"{timeout}s:\n{hosts.log('rabbitmq-server')}")
-        time.sleep(1)
-    if user:  # None: the caller creates users (the chapter's commands do, in the tests)
+    if wait:
+        await_rabbit(broker, timeout)
+    if wait and user:  # None: the caller creates users (the chapter's commands do, in the tests)
         broker.rabbitmqctl("add_user", user, broker.password)
         broker.rabbitmqctl("add_vhost", vhost)
         broker.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     return broker
+
+
+def start_rabbit(broker):
+    """Start (or start again) this host's rabbitmq-server, logged to rabbitmq-server-HOST.log."""
+    return broker.hosts.start(broker.host, f"rabbitmq-{broker.host}",
+                              [f"{RABBIT_BIN}/rabbitmq-server"], env=broker.rabbit_env())
+
+
+def await_rabbit(broker, timeout=90):
+    """Wait until this host's RabbitMQ node has started; HostsUnavailable with its log if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = broker.hosts.run(broker.host, [f"{RABBIT_BIN}/rabbitmqctl", "-q", "await_startup",
+                                              "--timeout", "5"], env=broker.rabbit_env(),
+                                timeout=30)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise HostsUnavailable(f"RabbitMQ on {broker.host} did not start within {timeout}s:"
+                                   f"\n{broker.hosts.log(f'rabbitmq-{broker.host}')}")
+        time.sleep(1)
 
 
 def stop_rabbit(broker):
@@ -178,14 +206,18 @@ def client_env(hosts, broker, host="client"):
 
 
 @contextmanager
-def client(hosts, broker, host="client"):
+def client(hosts, broker, host="client", app=None):
     """A Celery client app on ``host`` (this thread's sockets live there meanwhile); every
-    connection it opened is closed at the end, so nothing keeps the namespace alive."""
+    connection it opened is closed at the end, so nothing keeps the namespace alive. ``app``:
+    a configured app to use instead (the cluster's, with quorum queues; broker is then None)."""
     from celery import Celery
     with hosts.inside(host):
-        app = Celery("hosts-client", set_as_current=False)
-        app.config_from_object("celeryconfig")
-        app.conf.update(broker_url=broker.broker_url(), result_backend=broker.result_backend)
+        if app is None:
+            app = Celery("hosts-client", set_as_current=False)
+            app.config_from_object("celeryconfig")
+            app.conf.update(broker_url=broker.broker_url(), result_backend=broker.result_backend)
+        from .celery_gaps import install_client_workarounds
+        install_client_workarounds(app)
         try:
             yield app
         finally:

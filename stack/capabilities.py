@@ -2,17 +2,19 @@
 
 Owns: the table of brokers and result backends (their URL schemes, what each lacks and why,
 the direction of priorities, the pip package of their driver, which system it is and how a
-user checks it), ``offers_for(broker, backend, pool)`` and ``decide(needs, offers)``, the one
-function that says whether something that needs some features can run on a stack ("None": it
-runs) or not (the reason, for the user). It is the one place that reads URL schemes:
-elsewhere ``is_kind(url, "redis")``, ``component(url, BROKERS).probe`` and ``how_to_check``.
+user checks it), what RabbitMQ's quorum queues take away (QUORUM_LACKS),
+``offers_for(broker, backend, pool, queue_type)`` (``offers_of(app)`` reads them from a Celery
+app) and ``decide(needs, offers)``, the one function that says whether something that needs
+some features can run on a stack ("None": it runs) or not (the reason, for the user). It is the
+one place that reads URL schemes: elsewhere ``is_kind(url, "redis")``,
+``component(url, BROKERS).probe`` and ``how_to_check``.
 
 It knows nothing of the demos: each demo declares what it needs (``@demo(needs=...)`` in
 demos.py), and client_fixed.py, complete_demo.py, run_demo.py and the tests all ask
 ``decide``. What a component does not list under ``lacks`` it offers. The facts come from
 running each combination for real (docs/configuration.md, tests/test_stacks.py).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 # Every feature a demo may need, and who provides it.
@@ -28,6 +30,7 @@ FEATURES = {
     "priority": "broker: urgent messages are handed out before waiting ones",
     "terminate": "worker pool: revoke(terminate=True) stops a running task",
     "time_limits": "worker pool: soft and hard time limits interrupt a running task",
+    "global_qos": "broker: one prefetch limit shared by all the queues a worker consumes",
 }
 
 HIGHER_FIRST = "higher number first"  # RabbitMQ: 0..x-max-priority, 9 beats 1
@@ -130,6 +133,17 @@ BACKENDS = (
                           "a result up by its id",
     }, system="cache+memory:// (this process)"),
 )
+# CELERY_QUEUE_TYPE=quorum (celeryconfig.py, docs/cluster.md): RabbitMQ 3.x quorum queues are
+# replicated over the cluster's nodes, and give up these. (Countdown, ETA and retries still
+# work: Celery 5.5+ routes them through its native delayed delivery, over topic exchanges.)
+QUORUM_LACKS = {
+    "priority": "quorum queues on RabbitMQ 3.x have no priorities (x-max-priority is a classic "
+                "queue's argument): every message waits its turn (FIFO)",
+    "global_qos": "quorum queues refuse a prefetch limit shared by a channel's consumers "
+                  "(global QoS); Celery sees the quorum queues and limits each consumer "
+                  "instead, so a worker consuming N queues may hold N times its prefetch",
+}
+
 POOLS = (
     Component("prefork", "pool"),
     Component("threads", "pool", lacks={
@@ -200,10 +214,26 @@ class Offers:
         return [(f, self.lacks(f)) for f in FEATURES if self.lacks(f)]
 
 
-def offers_for(broker_url, backend_url, pool="prefork"):
+def offers_for(broker_url, backend_url, pool="prefork", queue_type="classic"):
+    """What this broker, result backend and pool offer; ``queue_type`` "quorum": RabbitMQ's
+    queues are quorum queues (QUORUM_LACKS)."""
     pools = {p.kind: p for p in POOLS}
-    return Offers(component(broker_url, BROKERS), component(backend_url, BACKENDS),
-                  pools.get(pool, Component(pool, "pool")))
+    broker = component(broker_url, BROKERS)
+    if queue_type == "quorum" and broker.kind == "rabbitmq":
+        broker = replace(broker, lacks={**broker.lacks, **QUORUM_LACKS}, priority="")
+    return Offers(broker, component(backend_url, BACKENDS), pools.get(pool, Component(pool, "pool")))
+
+
+def queue_type(queues):
+    """"quorum" when any of these kombu Queues is declared as a quorum queue, else "classic"."""
+    quorum = any((q.queue_arguments or {}).get("x-queue-type") == "quorum" for q in queues or ())
+    return "quorum" if quorum else "classic"
+
+
+def offers_of(app, pool="prefork"):
+    """offers_for the broker, result backend and queues a Celery app is configured with."""
+    conf = app.conf
+    return offers_for(conf.broker_url, conf.result_backend, pool, queue_type(conf.task_queues))
 
 
 def decide(needs, offers):

@@ -1,9 +1,12 @@
-"""Workarounds for two gaps in Celery 5.7's worker, each in one function, each with its issue.
+"""Workarounds for gaps in Celery 5.7, each in one function, each with its issue.
 
-Both are installed at worker_init (a worker's start, stack/worker_signals.py), and only there:
-clients never load them. Remove each when the Celery release that fixes it is pinned.
+The worker's are installed at worker_init (a worker's start, stack/worker_signals.py);
+sub_second_countdowns and failover_without_goodbye, which clients need too, by
+``install_client_workarounds`` (quorum queues; a failover list of brokers), which this
+project's clients call (stack.ClientGuard, stack/cluster.py) and workers and beat too.
+Remove each when the Celery release that fixes it is pinned.
 
-A third gap is worked around where no module of stack/ is loaded yet, in tasks.py:
+A further gap is worked around where no module of stack/ is loaded yet, in tasks.py:
 celeryconfig's ``override_backends`` reaches Celery's loader only once the configuration is
 read, but ``app.backend`` does not read it first (celery/celery#7270): a bare ``import tasks;
 AsyncResult(id, app=tasks.app).state`` got Celery's FilesystemBackend, not AtomicFileBackend.
@@ -11,7 +14,9 @@ tasks.py reads its configuration at once (``config_from_object(..., force=True)`
 """
 import functools
 
-__all__ = ["bound_event_retries", "track_only_live_children"]
+__all__ = ["bound_event_retries", "track_only_live_children", "sub_second_countdowns",
+           "delayed_delivery_on_current_node", "declare_queues_before_delay_binding",
+           "failover_without_goodbye", "install_client_workarounds"]
 
 # One quick retry for an event the worker sends: see bound_event_retries
 EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 1,
@@ -67,3 +72,122 @@ def track_only_live_children():
 
     track_live.skips_untracked = True
     AsynPool._track_child_process = track_live
+
+
+def sub_second_countdowns():
+    """Let a countdown under one second work on quorum queues (native delayed delivery).
+
+    Celery gap (no upstream issue found; reproduction in docs/cluster.md): with quorum queues,
+    ``apply_async(countdown=0.3)`` and ``self.retry(countdown=0.1)`` raise
+    ``ValueError: countdown must be a positive number``: Celery passes ``int(countdown)``, 0,
+    to kombu's ``calculate_routing_key``, which refuses it. A routing key of 28 zero bits
+    passes every delay level at once; the message still carries its ETA, and the worker holds
+    it for the rest of the second, as it does on classic queues.
+    """
+    import celery.app.base as base
+    from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE as BITS
+    calculate = base.calculate_routing_key
+    if getattr(calculate, "allows_zero", False):
+        return
+
+    @functools.wraps(calculate)
+    def calculate_routing_key(countdown, routing_key):
+        if countdown == 0:  # the key of 1 s with its last bit cleared (prefix stripping kept)
+            return "0." * BITS + calculate(1, routing_key)[2 * BITS:]
+        return calculate(countdown, routing_key)
+
+    calculate_routing_key.allows_zero = True
+    base.calculate_routing_key = calculate_routing_key
+
+
+def delayed_delivery_on_current_node():
+    """Set up native delayed delivery over the consumer's own broker only, not every URL.
+
+    Celery gap (celery/celery#9960, #9912, #10111; the failover hangs of #3921 and #4075):
+    with a failover list (``amqp://a;amqp://b;amqp://c``), the DelayedDelivery consumer step
+    declares its exchanges and queues on *every* URL of the list, retrying each. With one node
+    cut off (no FIN), each attempt waits on that node longer than the heartbeat, the
+    consumer's own connection is dropped, the consumer restarts and starts over: measured,
+    0 consumers for 4+ minutes, until the node came back. The topology lives in the cluster,
+    not on a node, so declaring it once, on the node the consumer is connected to, is enough.
+    """
+    from celery.worker.consumer.delayed_delivery import DelayedDelivery
+    start = DelayedDelivery.start
+    if getattr(start, "current_node_only", False):
+        return
+
+    @functools.wraps(start)
+    def start_on_current_node(self, c):
+        if c.connection is not None and c.connection.connected:
+            here = c.connection.as_uri(include_password=True)
+            self._validate_broker_urls = lambda urls: {here}  # this step's list of URLs
+        return start(self, c)
+
+    start_on_current_node.current_node_only = True
+    DelayedDelivery.start = start_on_current_node
+
+
+def declare_queues_before_delay_binding():
+    """Declare each queue (and its exchange) before binding it for native delayed delivery.
+
+    Celery gap (celery/celery#9960; its fix, celery/celery#9959, goes on to the next queue but
+    still leaves this one unbound): a worker binds *every* queue of ``task_queues`` to the
+    delayed delivery exchange, and a queue no worker has declared yet fails with
+    ``NOT_FOUND - no exchange 'fast_queue'``: the worker logs "Failed to setup delayed
+    delivery ... will not be available", and a countdown task sent to that queue before its
+    own worker starts is dropped when it is due (no binding routes it). Declaring is what a
+    client does before it publishes; it changes nothing for a queue that exists.
+    """
+    from celery.worker.consumer import delayed_delivery as step
+    bind = step.bind_queue_to_native_delayed_delivery_exchange
+    if getattr(bind, "declares", False):
+        return
+
+    @functools.wraps(bind)
+    def declare_and_bind(connection, queue, *args, **kwargs):
+        queue.bind(connection.default_channel).declare()
+        return bind(connection, queue, *args, **kwargs)
+
+    declare_and_bind.declares = True
+    step.bind_queue_to_native_delayed_delivery_exchange = declare_and_bind
+
+
+def failover_without_goodbye():
+    """When kombu fails over to the next broker of the list, drop the old connection at once.
+
+    kombu gap (the client half of celery/celery#3921 and #4075): on a connection error kombu
+    switches to the next URL (``Connection.maybe_switch_next`` -> ``switch``), and ``switch``
+    first closes the old connection politely: py-amqp sends Close and waits for CloseOk, on a
+    node that was cut off and never answers, then the channel's close the same way. Measured:
+    one ``apply_async`` blocked 60.5 s there before it failed. A connection we are leaving
+    because it failed needs no goodbye: ``collect()`` closes the socket without a handshake
+    (what kombu itself does after a fork), and the switch goes on at once.
+    """
+    from kombu import Connection
+    switch = Connection.switch
+    if getattr(switch, "without_goodbye", False):
+        return
+
+    @functools.wraps(switch)
+    def switch_at_once(self, conn_str):
+        if self._connection is not None:
+            self._default_channel = None  # its close would wait on the dead node too
+            self.collect()
+        return switch(self, conn_str)
+
+    switch_at_once.without_goodbye = True
+    Connection.switch = switch_at_once
+
+
+def install_client_workarounds(app):
+    """The workarounds a process that sends tasks needs, by ``app``'s configuration: a
+    failover list of brokers (failover_without_goodbye), quorum queues (sub_second_countdowns).
+    Called by this project's clients (stack.ClientGuard, the tests' and hosts' client apps) and,
+    at worker_init and beat_init, by stack/worker_signals.py. Not from celeryconfig.py, which
+    must stand alone: a plain copy of it goes without them (docs/cluster.md says what that
+    costs)."""
+    from .capabilities import queue_type
+    if ";" in str(app.conf.broker_url):
+        failover_without_goodbye()
+    if queue_type(app.conf.task_queues) == "quorum":
+        sub_second_countdowns()

@@ -140,7 +140,7 @@ def service_fault(exc, app):
     """One line naming the failed service, the system behind it and how to check it (from the
     capability table), or None if ``exc`` is no service fault."""
     broker_url, backend_url = app.conf.broker_url, app.conf.result_backend
-    broker = maybe_sanitize_url(str(broker_url))
+    broker = "; ".join(maybe_sanitize_url(url) for url in str(broker_url).split(";"))
     backend = maybe_sanitize_url(str(backend_url))
     cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
     if isinstance(exc, PublishersBlocked):
@@ -230,7 +230,9 @@ class ClientGuard:
         self.hard_deadline = hard_deadline
 
     def install(self):
+        from .celery_gaps import install_client_workarounds
         raise_on_alarms(self.app)
+        install_client_workarounds(self.app)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
         if self.hard_deadline:

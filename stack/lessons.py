@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 from celery.states import PROPAGATE_STATES
 
 from . import capabilities
-from .capabilities import decide, offers_for
+from .capabilities import decide, offers_of
 from .deadlines import missing_folder, service_fault
 from .processes import worker_command
 from .services import HERE
@@ -65,7 +65,7 @@ def describe(name):
 class Context:
     """What a demo needs to know about the stack it runs on."""
     app: object
-    offers: object = None                 # stack.offers_for(broker, backend, pool): what it can do
+    offers: object = None                 # stack.offers_of(app, pool): what this stack can do
     deadline: float = 0.0                 # monotonic time by which the current demo must end
     on_progress: object = None            # callback(current, total) for the progress demo
     http_host: str = "127.0.0.1"          # where workers reach the flaky HTTP server
@@ -74,7 +74,7 @@ class Context:
 
     def __post_init__(self):
         if self.offers is None:
-            self.offers = offers_for(self.app.conf.broker_url, self.app.conf.result_backend)
+            self.offers = offers_of(self.app)
 
     def remaining(self):
         left = self.deadline - time.monotonic()
@@ -130,7 +130,7 @@ def start_worker_hint(queue):
 
 def why_pending(app, queue, offers=None):
     """Explain a task that nobody picked up: the usual cause is a queue with no worker."""
-    offers = offers or offers_for(app.conf.broker_url, app.conf.result_backend)
+    offers = offers or offers_of(app)
     if not offers.offers("remote_control"):  # cannot ask the workers (SQS)
         return (f"this broker cannot ask workers what they consume ({offers.broker.kind}: no "
                 f"remote control); is a worker running for queue {queue!r}? "

@@ -8,12 +8,14 @@ from celery.signals import beat_init, worker_init
 from kombu.utils.url import maybe_sanitize_url
 
 from .capabilities import backend_kind
-from .celery_gaps import bound_event_retries, track_only_live_children
+from .celery_gaps import (bound_event_retries, declare_queues_before_delay_binding,
+                          delayed_delivery_on_current_node, install_client_workarounds,
+                          track_only_live_children)
 from .deadlines import raise_on_alarms
 from .services import MissingDriver, check_driver
 
 __all__ = ["refuse_to_start_without_result_backend", "work_around_celery_gaps",
-           "publish_fails_at_once_on_alarms"]
+           "send_like_the_demos_clients", "publish_fails_at_once_on_alarms"]
 
 
 @worker_init.connect
@@ -37,10 +39,21 @@ def refuse_to_start_without_result_backend(sender, **kwargs):
 
 @worker_init.connect
 def work_around_celery_gaps(sender, **kwargs):
-    """A worker must notice a dead broker connection and survive reconnecting to it: two
-    Celery 5.7 bugs, worked around in stack/celery_gaps.py (each names its upstream issue)."""
+    """A worker must notice a dead broker connection and survive reconnecting to it, also to
+    another node of a cluster: Celery 5.7 bugs, worked around in stack/celery_gaps.py (each
+    names its upstream issue)."""
     bound_event_retries()
     track_only_live_children()
+    delayed_delivery_on_current_node()
+    declare_queues_before_delay_binding()
+
+
+@worker_init.connect
+@beat_init.connect
+def send_like_the_demos_clients(sender, **kwargs):
+    """A worker (a retry's countdown) and beat send tasks too: the same workarounds as a client
+    (a failover list of brokers, quorum queues)."""
+    install_client_workarounds(sender.app)
 
 
 @worker_init.connect

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import stack  # noqa: E402
+from stack.celery_gaps import install_client_workarounds  # noqa: E402
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HOST = socket.gethostname()
@@ -164,6 +165,7 @@ def client_app(env):
         os.environ.update(saved)
     app = Celery("test-client", set_as_current=False)
     app.config_from_object(config)
+    install_client_workarounds(app)  # as this project's clients do (ClientGuard)
     return app
 
 
@@ -202,8 +204,7 @@ class Live:
     def context(self, **kwargs):
         """A demo context with what this stack offers (in-process workers: the threads pool)."""
         import demos
-        offers = stack.offers_for(self.app.conf.broker_url, self.app.conf.result_backend,
-                                  pool="threads")
+        offers = stack.offers_of(self.app, pool="threads")
         return demos.Context(app=self.app, offers=offers, **kwargs)
 
 
@@ -361,3 +362,23 @@ def fake_docker(tmp_path, compose_fails=False, running=()):
     (bin_dir / "docker").write_text(script + "exit 0\n")
     (bin_dir / "docker").chmod(0o755)
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls
+
+
+# --- The chapters run on network-namespace hosts (docs/more-machines.md, docs/cluster.md) -------
+# A bash block of a chapter is run on a host: `run HOST` to its end, `background HOST NAME`
+# left running; the `env` block is what every host but the broker has in its environment.
+STEP = re.compile(r"(?:<!-- hosts: (\w+)((?: \S+)*) -->\n)?```(\w+)\n(.*?)```", re.S)
+VENV = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # as with the venv active
+
+
+def chapter_blocks(text):
+    """[(kind or None, [args], language, body)] of a chapter's ``text``, in order."""
+    return [(kind or None, args.split(), lang, body)
+            for kind, args, lang, body in STEP.findall(text)]
+
+
+def need_namespaces():
+    from stack import hosts
+    reason = hosts.problem()
+    if reason:
+        skip(f"the multi-host tests need network namespaces: {reason}")

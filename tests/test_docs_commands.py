@@ -34,7 +34,8 @@ EMBEDDED_CELERY = re.compile(r"(?:^|[\s=])((?:[^\s=]*/)?celery\s+(?:-A|--app|--w
 INLINE = re.compile(r"(?<!`)``?(?!`)((?:celery|python|\.venv/bin/python) [^`]+?)``?(?!`)")
 PROGRAMS = {"celery", "python", "python3", "make", "docker", "pip", "cd", "mkdir", "kill", "curl",
             "export", "systemctl", "journalctl", "apt-get", "rabbitmqctl", ".", "source", "pytest",
-            "ss", "redis-cli", "date", "head", "npm", "node"}
+            "ss", "redis-cli", "date", "head", "npm", "node",
+            "rabbitmq-queues"}
 # `python -m MODULE` of this project: its options are parsed like a script's
 OUR_MODULES = {"stack.hosts": "stack/hosts.py"}
 

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
@@ -23,30 +22,12 @@ import pytest
 import celeryconfig
 import demos
 import stack
-from helpers import ROOT, skip, structure
+from helpers import ROOT, VENV, chapter_blocks, need_namespaces, structure
 from stack import hosts as hostlib
 from stack.brokerhost import (HOST_NAMES, client, client_env, rabbitmq_conf, redis_conf,
                               start_broker_host)
 
 CHAPTER = ROOT / "docs" / "more-machines.md"
-# A bash block of the chapter is run on a host: `run HOST` to its end, `background HOST NAME`
-# left running; the `env` block is what every host but the broker has in its environment.
-STEP = re.compile(r"(?:<!-- hosts: (\w+)((?: \S+)*) -->\n)?```(\w+)\n(.*?)```", re.S)
-VENV = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # as with the venv active
-
-
-def chapter_blocks(text=None):
-    """[(kind or None, [args], language, body)] of the chapter, in order."""
-    return [(kind or None, args.split(), lang, body)
-            for kind, args, lang, body in STEP.findall(text or CHAPTER.read_text())]
-
-
-def need_namespaces():
-    reason = hostlib.problem()
-    if reason:
-        skip(f"the multi-host tests need network namespaces: {reason}")
-
-
 class Cluster:
     """The chapter's system, set up by the chapter's own commands (see ``cluster``)."""
 
@@ -94,7 +75,7 @@ def cluster(tmp_path_factory):
     vhost (its `run broker` blocks before the first worker), then every `background` block:
     the workers, beat and Flower. The chapter's other `run` blocks are test_the_chapter_...'s."""
     need_namespaces()
-    blocks = chapter_blocks()
+    blocks = chapter_blocks(CHAPTER.read_text())
     env_block = next(body for kind, _, _, body in blocks if kind == "env")
     url = urlparse(re.search(r"CELERY_BROKER_URL='([^']+)'", env_block).group(1))
     redis_password = re.search(r"^requirepass (\S+)$", CHAPTER.read_text(), re.M).group(1)
@@ -161,7 +142,7 @@ def test_the_chapters_commands_run_the_catalogue_across_hosts(cluster, logs_on_f
 
 
 def test_the_chapters_settings_are_the_ones_the_hosts_and_celeryconfig_use(cluster):
-    blocks = chapter_blocks()
+    blocks = chapter_blocks(CHAPTER.read_text())
     ini = [body for _, _, lang, body in blocks if lang == "ini"]
     python = [body for _, _, lang, body in blocks if lang == "python"]
     address, password = cluster.broker.address, cluster.broker.redis_password
@@ -196,7 +177,7 @@ def test_guest_from_another_host_is_refused_and_the_client_says_how_to_fix_it(cl
     code, _, output = cluster.run_demos(env={"CELERY_BROKER_URL": guest}, timeout=60)
     said = " ".join(output.split())  # rich wraps long lines
     assert code == 2, output
-    shown = next(body for _, _, lang, body in chapter_blocks() if lang == "text")
+    shown = next(body for _, _, lang, body in chapter_blocks(CHAPTER.read_text()) if lang == "text")
     assert shown.split("...")[0].strip() in said, "the chapter shows another message"
     assert "refused the login of 'guest' (ACCESS_REFUSED)" in said
     assert "guest log in only from the broker's own machine (localhost)" in said

@@ -19,7 +19,7 @@ import requests
 
 import stack
 from helpers import ROOT, client_app, environment, print_logs_if_failed, skip
-from test_run_demo import alive_in_groups, start
+from helpers import alive_in_groups, start
 
 
 # web.py answers every request within this many seconds (read, not imported: a script)
