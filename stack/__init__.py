@@ -17,7 +17,8 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     faults.py      FaultProxy: forward, freeze or cut the TCP connections to a service
     resolve.py     the one resolver: defaults, environment, --broker/--backend, auto fallback
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
-    celery_gaps.py two Celery worker bugs worked around (installed at worker_init; not
+    celery_gaps.py Celery gaps worked around: two worker bugs (installed at worker_init),
+                   two unbounded client waits (loaded by name from celeryconfig; not
                    imported here)
     worker_signals.py  a worker's start-up checks and the workarounds, as signal handlers:
                    celeryconfig's ``imports`` names it (not imported here)
