@@ -44,7 +44,9 @@ if EXTRAS:
     if sys.path.count(HERE) < 2:
         sys.path.append(HERE)
     imports = ("stack.worker_signals",)  # a worker imports these as it starts
-    override_backends = {"file": "stack.embedded:AtomicFileBackend"}  # file:// URLs get it
+    override_backends = {"file": "stack.embedded:AtomicFileBackend",  # file:// URLs get it
+                         # rpc:// without a declare that retries for ever (stack/celery_gaps.py)
+                         "rpc": "stack.celery_gaps:RPCBackend"}
 
 
 def _folder(path, used_for, setting):
@@ -140,9 +142,13 @@ if broker_url.startswith("sqs://"):
         "wait_time_seconds": 2,
         "polling_interval": 0,
         "queue_name_prefix": os.environ.get("CELERY_BROKER_PREFIX", ""),
-        # botocore's defaults (60 s, several retries) would hide a missing endpoint for minutes
-        "client-config": {"connect_timeout": 3, "read_timeout": 10,
-                          "retries": {"max_attempts": 2}},
+        # botocore's defaults (60 s, several retries) would hide a missing endpoint for minutes.
+        # A read gives up after 4 s, above the 2 s long poll a worker's receive waits, and is
+        # not repeated by botocore: a client's publish retries already (task_publish_retry_policy,
+        # each retry listing the queues again), so a frozen endpoint fails a send in about 18 s.
+        # (10 s and 2 attempts per read made that 2 minutes: tests/test_diagnosis.py.)
+        "client-config": {"connect_timeout": 3, "read_timeout": 4,
+                          "retries": {"total_max_attempts": 1}},
     }
 
 # --- Serialization: JSON only. Pickle lets whoever can publish a message run code. ----------
@@ -248,6 +254,8 @@ result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}  # [both] 
 # use; a server that does not answer fails a connect within 3 s instead of the OS's minutes.
 if result_backend.startswith("db+postgresql"):
     database_engine_options = {"connect_args": {"connect_timeout": 3}, "pool_pre_ping": True}
+    if EXTRAS:  # one connect before Celery's table creation, which retries ten times
+        database_engine_callback = "stack.celery_gaps:fail_fast_table_creation"
 
 # A Redis connection that an outage broke (the broker host was cut off, then came back) fails
 # on its next use with "Error 32 while writing to socket. Broken pipe": a task would fail in

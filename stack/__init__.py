@@ -20,7 +20,8 @@ the path the tests check. It knows nothing about the demos themselves. One conce
     deadlines.py   a client facing a failed service: name it, stop on a signal or deadline, leave
     celery_gaps.py Celery and kombu bugs worked around, each with its upstream issue (installed
                    by worker_signals.py in workers and beat, by install_client_workarounds in
-                   this project's clients; not imported here)
+                   this project's clients, or loaded by name from celeryconfig; not imported
+                   here)
     worker_signals.py  a worker's start-up checks and the workarounds, as signal handlers:
                    celeryconfig's ``imports`` names it (not imported here)
     lessons.py     the harness under demos.py: registry, Context, wait, Outcome (imported by

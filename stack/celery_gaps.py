@@ -1,10 +1,12 @@
-"""Workarounds for gaps in Celery 5.7, each in one function, each with its issue.
+"""Workarounds for gaps in Celery 5.7, each in one function or class, each with its issue.
 
 The worker's are installed at worker_init (a worker's start, stack/worker_signals.py);
 sub_second_countdowns and failover_without_goodbye, which clients need too, by
 ``install_client_workarounds`` (quorum queues; a failover list of brokers), which this
-project's clients call (stack.ClientGuard, stack/cluster.py) and workers and beat too.
-Remove each when the Celery release that fixes it is pinned.
+project's clients call (stack.ClientGuard, stack/cluster.py) and workers and beat too. Two
+bound a client's waits, and every process that uses the result backend loads them by the name
+celeryconfig gives: RPCBackend (``override_backends``) and ``fail_fast_table_creation``
+(``database_engine_callback``). Remove each when the Celery release that fixes it is pinned.
 
 A further gap is worked around where no module of stack/ is loaded yet, in tasks.py:
 celeryconfig's ``override_backends`` reaches Celery's loader only once the configuration is
@@ -14,9 +16,14 @@ tasks.py reads its configuration at once (``config_from_object(..., force=True)`
 """
 import functools
 
+from celery.backends import rpc
+from celery._state import task_join_will_block
+from kombu.common import maybe_declare
+
 __all__ = ["bound_event_retries", "track_only_live_children", "sub_second_countdowns",
            "delayed_delivery_on_current_node", "declare_queues_before_delay_binding",
-           "failover_without_goodbye", "install_client_workarounds"]
+           "failover_without_goodbye", "install_client_workarounds", "RPCBackend",
+           "fail_fast_table_creation"]
 
 # One quick retry for an event the worker sends: see bound_event_retries
 EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 1,
@@ -191,3 +198,42 @@ def install_client_workarounds(app):
         failover_without_goodbye()
     if queue_type(app.conf.task_queues) == "quorum":
         sub_second_countdowns()
+
+
+class RPCBackend(rpc.RPCBackend):
+    """Celery's rpc:// result backend, but declaring a reply queue gives up like a publish does.
+
+    Celery gap (the rpc:// side of celery/celery#4296 and #6911, "apply_async waits forever
+    when the broker is down"): before each send, ``on_task_call`` declares the caller's reply
+    queue with ``maybe_declare(retry=True)`` and no retry policy, so kombu reconnects for ever.
+    The queue is one per thread (``app.thread_oid``): the first send from any thread but the
+    main one (web.py's thread pool) hung for good on a frozen broker or on SQS. This one
+    retries as the client's publish does (``task_publish_retry_policy``), then raises.
+    """
+
+    def on_task_call(self, producer, task_id):
+        if not task_join_will_block():
+            maybe_declare(self.binding(producer.channel), retry=True,
+                          **(self.app.conf.task_publish_retry_policy or {}))
+
+
+_answering_databases = set()  # the URLs whose database answered this process once
+
+
+def fail_fast_table_creation(engine):
+    """Connect once before Celery creates its tables: a database that does not answer fails in
+    one ``connect_timeout``, not in eleven.
+
+    Celery gap: the database backend creates its tables (at setup, and in each process's first
+    use) in a loop that retries ``create_all`` ten times on any DatabaseError, connection
+    failures included (celery/backends/database/session.py, PREPARE_MODELS_MAX_RETRIES; the
+    retries are meant for two processes creating the same table). With PostgreSQL frozen and
+    ``connect_timeout`` 3 s that was 35 s, twice over with ``result_backend_max_retries``
+    (measured: 69 s). Celery calls this for every engine it creates, before that loop (the
+    ``database_engine_callback`` setting); after the first answer it costs nothing.
+    """
+    url = str(engine.url)
+    if url not in _answering_databases:
+        with engine.connect():
+            pass
+        _answering_databases.add(url)

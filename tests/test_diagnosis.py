@@ -19,6 +19,8 @@ import stack
 from helpers import client_app, require_postgres, require_rabbit
 
 BLOCKED_AT_MOST = 60  # seconds a call may take to fail on a frozen service (its timeouts: < 20)
+# What a client is promised (a demo's deadline is 10-20 s), with slack for a loaded machine
+CLIENT_DEADLINE = 30
 
 
 def fault_of(app, call, within=BLOCKED_AT_MOST):
@@ -140,6 +142,39 @@ def test_rpc_results_on_a_frozen_broker_name_the_broker_not_redis(rabbit_env, fr
     assert "Redis" not in message and "redis-cli" not in message
 
 
+def test_rpc_send_from_another_thread_on_a_frozen_broker_fails_within_its_deadline(rabbit_env,
+                                                                                   frozen):
+    proxy = frozen(5672)
+    app = client_app({**rabbit_env, "CELERY_BROKER_URL":
+                      proxy.rewrite(rabbit_env["CELERY_BROKER_URL"]),
+                      "CELERY_RESULT_BACKEND": "rpc://"})
+    frozen.apps.append(app)
+    send(app)  # connected through the proxy; this thread's reply queue is declared
+    proxy.freeze()
+    # fault_of calls from a new thread: a reply queue of its own to declare (app.thread_oid),
+    # which Celery's rpc:// backend retried for ever (stack/celery_gaps.py: RPCBackend)
+    message = fault_of(app, lambda: send(app), within=CLIENT_DEADLINE)
+    assert message.startswith("the broker at amqp://guest:**@127.0.0.1:"), message
+    assert "(the rpc:// results travel through it)" in message
+
+
+def test_a_postgresql_result_backend_made_while_frozen_fails_within_its_deadline(frozen):
+    require_postgres()
+    with stack.throwaway_postgres_database() as database:
+        proxy = frozen(5432)
+        backend = proxy.rewrite(database)
+        proxy.freeze()  # before the backend exists: Celery creates its tables as it makes it
+        app = client_app({"CELERY_BROKER_URL": "memory://", "CELERY_RESULT_BACKEND": backend})
+        frozen.apps.append(app)
+        # was 69 s: Celery's table creation retried each 3 s connect ten times, twice
+        message = fault_of(app, lambda: app.backend.get_task_meta(str(uuid.uuid4())),
+                           within=CLIENT_DEADLINE)
+        proxy.forward()
+    assert message.startswith(f"the result backend (PostgreSQL) at {backend} stopped answering"), \
+        message
+    assert f"check it with `pg_isready -h 127.0.0.1 -p {proxy.port}`" in message
+
+
 def test_a_frozen_sqs_endpoint_is_named_with_aws_sqs(frozen, tmp_path):
     require_rabbit("needs the machine's services: CI proves SQS with a local moto server")
     server = stack.Processes(tmp_path / "sqs-server")
@@ -154,9 +189,9 @@ def test_a_frozen_sqs_endpoint_is_named_with_aws_sqs(frozen, tmp_path):
         frozen.apps.append(app)
         send(app)
         proxy.freeze()
-        # about 2 minutes here: each of the 3 publish attempts (task_publish_retry_policy)
-        # re-lists the queues and sends, each read timing out twice (client-config: 10 s, 2)
-        message = fault_of(app, lambda: send(app), within=180)
+        # about 18 s: each of the 3 publish attempts (task_publish_retry_policy) re-lists the
+        # queues and sends, each read giving up after 4 s (client-config); it was 2 minutes
+        message = fault_of(app, lambda: send(app), within=CLIENT_DEADLINE)
     finally:
         server.stop_all(grace=5)
     assert message.startswith(f"the broker at {stack.mask(broker)}"), message
