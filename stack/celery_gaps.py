@@ -6,7 +6,7 @@ them by the name celeryconfig gives: RPCBackend (``override_backends``) and
 ``fail_fast_table_creation`` (``database_engine_callback``). Remove each when the Celery
 release that fixes it is pinned.
 
-A third gap is worked around where no module of stack/ is loaded yet, in tasks.py:
+One more gap is worked around where no module of stack/ is loaded yet, in tasks.py:
 celeryconfig's ``override_backends`` reaches Celery's loader only once the configuration is
 read, but ``app.backend`` does not read it first (celery/celery#7270): a bare ``import tasks;
 AsyncResult(id, app=tasks.app).state`` got Celery's FilesystemBackend, not AtomicFileBackend.
