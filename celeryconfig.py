@@ -145,7 +145,7 @@ if broker_url.startswith("sqs://"):
         # botocore's defaults (60 s, several retries) would hide a missing endpoint for minutes.
         # A read gives up after 4 s, above the 2 s long poll a worker's receive waits, and is
         # not repeated by botocore: a client's publish retries already (task_publish_retry_policy,
-        # each retry listing the queues again), so a frozen endpoint fails a send in about 18 s.
+        # each retry listing the queues again), so a frozen endpoint fails a send in about 20 s.
         # (10 s and 2 attempts per read made that 2 minutes: tests/test_diagnosis.py.)
         "client-config": {"connect_timeout": 3, "read_timeout": 4,
                           "retries": {"total_max_attempts": 1}},

@@ -189,7 +189,7 @@ def test_a_frozen_sqs_endpoint_is_named_with_aws_sqs(frozen, tmp_path):
         frozen.apps.append(app)
         send(app)
         proxy.freeze()
-        # about 18 s: each of the 3 publish attempts (task_publish_retry_policy) re-lists the
+        # about 20 s: each of the 3 publish attempts (task_publish_retry_policy) re-lists the
         # queues and sends, each read giving up after 4 s (client-config); it was 2 minutes
         message = fault_of(app, lambda: send(app), within=CLIENT_DEADLINE)
     finally:
