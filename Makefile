@@ -24,7 +24,8 @@ complete-demo: $(STAMP)
 # such as the hosts cluster or the in-process workers, is made once; the longest modules go
 # first, see SLOWEST_FIRST in tests/conftest.py). Each test has its own vhost, key prefix,
 # database and folder, so modules run side by side. Then, alone, the tests that change RabbitMQ
-# for the whole machine (an alarm, stop_app), which would block or cut off every other test.
+# for the whole machine (an alarm, stop_app), which would block or cut off every other test, and
+# the three-node cluster, which needs the whole machine (tests/test_cluster.py).
 # Exit code 5 ("no tests collected": ARGS chose none of a phase's tests) is not a failure; any
 # other failure of either phase is.
 JOBS ?= 4

@@ -24,8 +24,9 @@ def pytest_runtest_makereport(item, call):
 # The longest modules (from about 160 s down to 55 s on CI) start first under `make test`'s
 # parallel run: pytest-xdist hands each process its modules in this order, so none of them is
 # left running alone at the end while the other processes idle.
-SLOWEST_FIRST = ("test_hosts", "test_stacks", "test_midrun_faults", "test_benchmark",
-                 "test_run_demo", "test_faults", "test_bad_input")
+SLOWEST_FIRST = ("test_hosts", "test_readme", "test_stacks", "test_benchmark", "test_diagnosis",
+                 "test_midrun_faults", "test_run_demo", "test_faults", "test_bad_input",
+                 "test_compose", "test_web")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first
