@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import pytest
 
 import stack
-from helpers import ROOT, client_app, require_rabbit, run, skip, throwaway_stack
+from helpers import ROOT, VENV, client_app, require_rabbit, run, skip, throwaway_stack
 
 MARKER = re.compile(r"<!-- other-apps: (\w+) -->\n```bash\n(.*?)```", re.S)
 
@@ -52,7 +52,8 @@ def test_a_default_celery_app_in_another_folder_gets_5(workers, tmp_path):
     (tmp_path / "examples" / "python").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "python" / "add.py", tmp_path / "examples" / "python")
     for command in documented("python"):
-        done = run(["bash", "-c", command], env=workers, cwd=tmp_path, timeout=60)
+        # as a user with the virtualenv active: `python` is the one that has Celery
+        done = run(["bash", "-c", command], env={**workers, **VENV}, cwd=tmp_path, timeout=60)
         assert done.returncode == 0, done.output[-2000:]
         assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
 
