@@ -14,6 +14,7 @@ stays in one node's memory.
 """
 import json
 import os
+import subprocess
 import sys
 
 from .report import median
@@ -29,15 +30,15 @@ def rows(cluster):
             ("3-node cluster, quorum queues", cluster.env()))
 
 
-def measure_once(cluster, env, count, timeout, out):
+def measure_once(cluster, name, env, count, timeout, out):
     """One run of the tuned case on the client host; its summary from benchmark.py's JSON."""
     argv = [sys.executable, "benchmark.py", "--only", "^tuned$", "--repeat", "1",
             "--count", str(count), "--timeout", str(timeout), "--json", str(out)]
     done = cluster.hosts.run(HOST, argv, env=env, timeout=3 * timeout + count / 50 + 60)
     if done.returncode or not os.path.exists(out):
         said = (done.stdout + done.stderr).strip().splitlines()
-        raise RuntimeError(f"benchmark.py on {HOST} against {env['CELERY_BROKER_URL'][:40]}... "
-                           f"exited {done.returncode}: {said[-1] if said else ''}")
+        raise RuntimeError(f"benchmark.py on {HOST} ({name}) exited {done.returncode}: "
+                           f"{said[-1] if said else ''}")
     with open(out) as f:
         return next(c for c in json.load(f)["cases"] if c["name"] == "tuned")
 
@@ -50,7 +51,7 @@ def compare(cluster, count=10000, repeat=3, timeout=30.0, say=print):
         order = rows(cluster)[::1 if rnd % 2 == 0 else -1]  # neither row always goes first
         for i, (name, env) in enumerate(order):
             out = cluster.hosts.run_dir / f"bench-cluster-r{rnd}-{i}.json"
-            case = measure_once(cluster, env, count, timeout, out)
+            case = measure_once(cluster, name, env, count, timeout, out)
             measured[name].append(case)
             say(f"round {rnd + 1}/{repeat}  {name:<30} {case['median']:>9,.0f}/s  "
                 f"{case['completed']}/{case['sent']}")
@@ -82,13 +83,18 @@ def main(args):
     except hostlib.HostsUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with hostlib.Hosts(clusterlib.HOST_NAMES) as hosts:
-        print(f"cluster: starting 3 RabbitMQ nodes and Redis; logs in {hosts.run_dir}", flush=True)
-        cluster = clusterlib.start_cluster(hosts)
-        clusterlib.join(cluster)
-        print("cluster: rabbit2 and rabbit3 joined rabbit1", flush=True)
-        table, ratio = compare(cluster, args.count, args.repeat, args.timeout,
-                               say=lambda line: print(line, flush=True))
+    try:
+        with hostlib.Hosts(clusterlib.HOST_NAMES) as hosts:
+            print(f"cluster: starting 3 RabbitMQ nodes and Redis; logs in {hosts.run_dir}",
+                  flush=True)
+            cluster = clusterlib.start_cluster(hosts)
+            clusterlib.join(cluster)
+            print("cluster: rabbit2 and rabbit3 joined rabbit1", flush=True)
+            table, ratio = compare(cluster, args.count, args.repeat, args.timeout,
+                                   say=lambda line: print(line, flush=True))
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the hosts are gone by now
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     print_rows(table, ratio)
     if args.json:
         with open(args.json, "w") as f:
