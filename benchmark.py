@@ -7,6 +7,7 @@
     python benchmark.py --broker sqs --quick          # SQS: a local server (moto) for the run
     python benchmark.py --profile                     # where a tuned worker's time goes (cProfile)
     python benchmark.py --only 'tuned|broker'         # a subset (a regular expression on names)
+    sudo .venv/bin/python benchmark.py --cluster      # tuned: 3-node quorum cluster vs one node
 
 It runs against the chosen broker (``--broker``; without it, CELERY_BROKER_URL or RabbitMQ) and
 the configured result backend (CELERY_RESULT_BACKEND, Redis by default), on a throw-away vhost
@@ -73,6 +74,10 @@ def parse_args(argv):
                              "'cold start ...' for those)")
     parser.add_argument("--profile", action="store_true",
                         help="profile a tuned worker and the raw consumer, print where time goes")
+    parser.add_argument("--cluster", action="store_true",
+                        help="root: build a 3-node RabbitMQ cluster on network-namespace hosts "
+                             "and compare the tuned case with quorum queues there against one "
+                             "node with classic queues (docs/cluster.md); --count, --repeat")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.count = args.count or (600 if args.quick else 10000)
@@ -90,6 +95,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # `kill` (SIGTERM) unwinds like Ctrl-C: workers stopped, vhost and keys removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.cluster:
+        from bench import cluster
+        return cluster.main(args)
     from rich.console import Console
     console = Console(width=shutil.get_terminal_size((150, 40)).columns)
     token = uuid.uuid4().hex[:8]

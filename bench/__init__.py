@@ -9,6 +9,8 @@
                   workers, and a deadline on every wait
     profiling.py  CPU per message from /proc, and --profile (cProfile by area)
     report.py     summaries, targets, the JSON report and the printed tables
+    cluster.py    the tuned case on a 3-node RabbitMQ cluster with quorum queues next to one
+                  node with classic queues (benchmark.py --cluster, root only)
 
 Nothing here is imported at package import: ``python -m bench.worker`` must be the only copy
 of the workers' app in its process.

@@ -103,8 +103,11 @@ def make_app(settings=None):
     app = Celery("benchmark")
     app.config_from_object("celeryconfig")
     arguments = {"x-max-priority": celeryconfig.MAX_PRIORITY} if priority else None
+    kind = "direct"
+    if celeryconfig.QUEUE_TYPE == "quorum":  # as celeryconfig declares them (docs/cluster.md)
+        arguments, kind = {"x-queue-type": "quorum"}, "topic"  # no priorities on RabbitMQ 3.x
     app.conf.update(
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name,
+        task_queues=[Queue(name, Exchange(name, type=kind), routing_key=name,
                            queue_arguments=arguments)],
         task_default_queue=name, task_default_exchange=name, task_default_routing_key=name,
         task_routes={}, task_annotations=None, beat_schedule={},

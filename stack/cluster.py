@@ -123,3 +123,17 @@ def start_cluster(hosts, user=None, password=None, vhost="celery-demo", redis_pa
     for node in nodes.values():
         await_rabbit(node, timeout)
     return cluster
+
+
+def join(cluster, first="rabbit1"):
+    """What sections 2 and 3 of docs/cluster.md do (tests/test_cluster.py runs those as
+    written), for ``benchmark.py --cluster``: the other nodes join ``first``; then the cluster's
+    user, vhost and permissions."""
+    for host in NODE_HOSTS:
+        if host != first:
+            for step in (("stop_app",), ("join_cluster", f"rabbit@{first}"), ("start_app",)):
+                cluster.rabbitmqctl(host, *step, timeout=120)
+    cluster.rabbitmqctl(first, "add_user", cluster.user, cluster.password)
+    cluster.rabbitmqctl(first, "add_vhost", cluster.vhost)
+    cluster.rabbitmqctl(first, "set_permissions", "-p", cluster.vhost, cluster.user,
+                        ".*", ".*", ".*")

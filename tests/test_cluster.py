@@ -4,9 +4,10 @@
 
 The hosts (network namespaces, stack/cluster.py) are built once for the module: three RabbitMQ
 nodes joined by the chapter's own commands, Redis on ``results``, two workers consuming every
-queue, beat. Each fault test loses one node while 300 late-ack tasks are sent and run, then
-restores it, so the next test finds the full cluster again. Without root or namespaces the
-tests skip, saying why (on CI that is a failure).
+queue, beat. One test runs the benchmark's tuned case on it, with quorum queues and next to
+one node with classic queues (bench/cluster.py, small counts). Each fault test loses one node
+while 300 late-ack tasks are sent and run, then restores it, so the next test finds the full
+cluster again. Without root or namespaces the tests skip, saying why (on CI that is a failure).
 """
 import re
 import time
@@ -188,6 +189,25 @@ def test_the_chapter_has_the_same_sections_and_code_in_both_languages():
     for readme, link in (("README.md", "docs/cluster.md"),
                          ("README.zh-CN.md", "docs/cluster.zh-CN.md")):
         assert f"]({link})" in (ROOT / readme).read_text(encoding="utf-8")
+
+
+# --- Measured: tuned throughput, quorum queues on the cluster next to one classic node --------
+def test_the_tuned_case_runs_on_one_node_with_classic_queues_and_on_the_quorum_cluster(cluster):
+    """bench/cluster.py's comparison on this module's cluster, with a small count: both rows
+    complete every task they sent (the figures of docs/cluster.md come from
+    `benchmark.py --cluster`, with 10000 tasks a run)."""
+    from bench import cluster as bench_cluster
+    table, ratio = bench_cluster.compare(cluster.rabbit, count=300, repeat=1)
+    bench_cluster.print_rows(table, ratio)
+    assert [row["name"] for row in table] == ["one node, classic queues",
+                                              "3-node cluster, quorum queues"]
+    for row in table:
+        assert row["completed"] == row["sent"] == 300 and not row["errors"], row
+        assert 0 < row["median"] < 1e6, row
+    assert ratio == round(table[1]["median"] / table[0]["median"], 2)
+    listed = cluster.rabbit.rabbitmqctl("rabbit1", "list_queues", "-p", cluster.rabbit.vhost,
+                                        "name")
+    assert "bench-" not in listed, listed  # each run deleted its queues
 
 
 # --- A node lost mid-run ------------------------------------------------------------------------
