@@ -382,3 +382,32 @@ def need_namespaces():
     reason = hosts.problem()
     if reason:
         skip(f"the multi-host tests need network namespaces: {reason}")
+
+
+def set_up_by_the_chapter(system, blocks, ping_timeout):
+    """Set a chapter's system up by its own commands, as a reader would: every `run` block
+    before the first `background` one, on its host (``system.shell``); the later `run` blocks
+    are kept in ``system.later_steps`` for the tests; each `background` block is started on its
+    host, under its log name (``system.workers[host, name]``), with the `env` block first. Then every worker must answer a ping.
+    ``system`` has hosts, env_block, workers, nodes, said, later_steps, shell(), client(),
+    logs()."""
+    hosts = system.hosts
+    for kind, args, _, body in blocks:
+        if kind == "run" and not system.workers:
+            done = system.shell(args[0], body)
+            assert done.returncode == 0, f"{body}\n{done.stdout}{done.stderr}"
+            system.said[body] = done.stdout
+        elif kind == "run":
+            system.later_steps.append((args[0], body))
+        elif kind == "background":
+            host, name = args
+            system.workers[host, name] = hosts.start(
+                host, name, ["bash", "-c", system.env_block + body], env=VENV)
+            node = re.search(r"-n (\w+)@%h", body)
+            system.nodes += [f"{node.group(1)}@{host}"] if node else []
+    try:
+        with system.client() as app:
+            stack.wait_for_workers(app, system.nodes, ping_timeout, hosts.processes)
+    except stack.StackFailed:
+        print(system.logs())
+        raise

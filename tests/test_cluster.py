@@ -18,7 +18,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 import stack
-from helpers import ROOT, VENV, chapter_blocks, client_app, need_namespaces
+from helpers import (ROOT, VENV, chapter_blocks, client_app, need_namespaces,
+                     set_up_by_the_chapter)
 from stack import cluster as clusterlib
 from stack import hosts as hostlib
 from stack.brokerhost import client, rabbitmq_conf
@@ -38,7 +39,7 @@ class Cluster:
 
     def __init__(self, hosts, rabbit, env_block):
         self.hosts, self.rabbit, self.env_block = hosts, rabbit, env_block
-        self.workers, self.nodes = {}, []  # log name -> process; worker node names
+        self.workers, self.nodes = {}, []  # (host, log name) -> process; worker node names
         self.said, self.later_steps = {}, []
 
     def shell(self, host, script, timeout=240):
@@ -98,25 +99,7 @@ def cluster(tmp_path_factory):
         rabbit = clusterlib.start_cluster(hosts, unquote(first.username), unquote(first.password),
                                           unquote(first.path[1:]), redis_password)
         cluster = Cluster(hosts, rabbit, env_block)
-        for kind, args, _, body in blocks:
-            if kind == "run" and not cluster.workers:
-                done = cluster.shell(args[0], body)
-                assert done.returncode == 0, f"{body}\n{done.stdout}{done.stderr}"
-                cluster.said[body] = done.stdout
-            elif kind == "run":
-                cluster.later_steps.append((args[0], body))
-            elif kind == "background":
-                host, name = args
-                cluster.workers[name] = hosts.start(host, name, ["bash", "-c", env_block + body],
-                                                    env=VENV)
-                node = re.search(r"-n (\w+)@%h", body)
-                cluster.nodes += [f"{node.group(1)}@{host}"] if node else []
-        try:
-            with cluster.client() as app:
-                stack.wait_for_workers(app, cluster.nodes, 90, hosts.processes)
-        except stack.StackFailed:
-            print(cluster.logs())
-            raise
+        set_up_by_the_chapter(cluster, blocks, 90)
         yield cluster
     assert not hosts.leftovers(), f"namespaces left behind: {hosts.leftovers()}"
     assert not [h for h in hosts.hosts.values() if (clusterlib.NETNS_ETC / h.ns).exists()]

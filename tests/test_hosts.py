@@ -22,7 +22,8 @@ import pytest
 import celeryconfig
 import demos
 import stack
-from helpers import ROOT, VENV, chapter_blocks, need_namespaces, structure
+from helpers import (ROOT, VENV, chapter_blocks, need_namespaces, set_up_by_the_chapter,
+                     structure)
 from stack import hosts as hostlib
 from stack.brokerhost import (HOST_NAMES, client, client_env, rabbitmq_conf, redis_conf,
                               start_broker_host)
@@ -33,7 +34,7 @@ class Cluster:
 
     def __init__(self, hosts, broker, env_block):
         self.hosts, self.broker, self.env_block = hosts, broker, env_block
-        self.workers, self.nodes = {}, []  # host -> its worker's process; node names
+        self.workers, self.nodes = {}, []  # (host, log name) -> process; worker node names
         self.said, self.later_steps = {}, []  # set-up blocks' output; (host, body) run later
 
     def client(self):
@@ -85,25 +86,7 @@ def cluster(tmp_path_factory):
         broker.user, broker.password = unquote(url.username), unquote(url.password)
         broker.vhost = unquote(url.path[1:])
         cluster = Cluster(hosts, broker, env_block)
-        for kind, args, _, body in blocks:
-            if kind == "run" and not cluster.workers:
-                done = cluster.shell(args[0], body)
-                assert done.returncode == 0, f"{body}\n{done.stdout}{done.stderr}"
-                cluster.said[body] = done.stdout
-            elif kind == "run":
-                cluster.later_steps.append((args[0], body))
-            elif kind == "background":
-                host, name = args
-                cluster.workers[host] = hosts.start(host, name, ["bash", "-c", env_block + body],
-                                                    env=VENV)
-                node = re.search(r"-n (\w+)@%h", body)
-                cluster.nodes += [f"{node.group(1)}@{host}"] if node else []
-        try:
-            with cluster.client() as app:
-                stack.wait_for_workers(app, cluster.nodes, 60, hosts.processes)
-        except stack.StackFailed:
-            print(cluster.logs())
-            raise
+        set_up_by_the_chapter(cluster, blocks, 60)
         yield cluster
     assert not hosts.leftovers(), f"namespaces left behind: {hosts.leftovers()}"
 
@@ -225,7 +208,8 @@ def test_a_vanished_worker_hosts_late_ack_tasks_finish_on_another_host_and_it_re
         restored_at = time.monotonic()
         stack.wait_for_workers(app, [victim], 60)
         rejoined_in = time.monotonic() - restored_at
-        assert cluster.workers[victim_host].poll() is None, "the worker exited"
+        assert all(process.poll() is None for (host, _), process in cluster.workers.items()
+                   if host == victim_host), "the worker exited"
         time.sleep(2)  # the victim's own late-ack clean-up must not overwrite the results
         assert all(r.state == "SUCCESS" and r.worker != victim for r in results)
     print(f"\nvanished worker host {victim_host}: sent=4 completed=4, all done on "
