@@ -184,7 +184,11 @@ def demo_rate_limit(ctx):
     results = [tasks.limited_task.delay(i) for i in range(6)]
     ran_at = sorted(wait(ctx, r, "celery")["ran_at"] for r in results)
     spread = ran_at[-1] - ran_at[0]
-    check(spread >= 0.8, f"6 tasks at 5/s should take about 1 s, took {spread:.2f}s")
+    # Five gaps of 0.2 s: about 1 s. The worker spaces the tasks out as it hands them to its
+    # pool; each task notes when it started, a little later, by an amount that varies with the
+    # machine's load (0.80 s seen on a busy CI run). Unthrottled, all six start within
+    # milliseconds, so most of the second is proof enough.
+    check(spread >= 0.6, f"6 tasks at 5/s should take about 1 s, took {spread:.2f}s")
     return f"6 tasks under rate_limit 5/s ran over {spread:.2f}s (about 0.2 s apart)"
 
 
