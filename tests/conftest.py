@@ -77,3 +77,12 @@ def rabbit_env(stack_env):
     stack_env.only_rabbit("this test is about RabbitMQ")
     return stack_env
 
+
+@pytest.fixture
+def logs_on_failure(cluster, request):
+    """Print the hosts' logs after a test that failed. ``cluster``: the requesting module's
+    hosts (docs/more-machines' in test_hosts.py, docs/cluster's in test_cluster.py)."""
+    before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > before:
+        print(cluster.logs())

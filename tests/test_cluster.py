@@ -105,14 +105,6 @@ def cluster(tmp_path_factory):
     assert not [h for h in hosts.hosts.values() if (clusterlib.NETNS_ETC / h.ns).exists()]
 
 
-@pytest.fixture
-def logs_on_failure(cluster, request):
-    before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > before:
-        print(cluster.logs())
-
-
 # --- The chapter, command by command ------------------------------------------------------------
 def test_the_chapters_commands_build_a_cluster_of_quorum_queues_and_run_the_catalogue(
         cluster, logs_on_failure):

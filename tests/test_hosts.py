@@ -91,14 +91,6 @@ def cluster(tmp_path_factory):
     assert not hosts.leftovers(), f"namespaces left behind: {hosts.leftovers()}"
 
 
-@pytest.fixture
-def logs_on_failure(cluster, request):
-    before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > before:
-        print(cluster.logs())
-
-
 # --- The chapter, command by command ------------------------------------------------------------
 def test_the_chapters_commands_run_the_catalogue_across_hosts(cluster, logs_on_failure):
     """Every demo passes with the client, each queue's worker and the broker on different
