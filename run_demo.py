@@ -18,7 +18,7 @@ URL. What the chosen pair
 cannot do is said first (stack/capabilities.py), and those demos are reported unsupported.
 Then a worker per queue, beat (and Flower, web.py), and finally
 ``client_fixed.py`` as a subprocess, exactly as you would run it yourself. Each process logs to
-the run folder (.run/<timestamp>/). Everything it started is stopped at the end, also after a
+the run folder (.run/<timestamp>-<pid>/). Everything it started is stopped at the end, also after a
 failure, Ctrl-C or SIGTERM.
 """
 import argparse
@@ -53,7 +53,7 @@ def parse_args():
                              "after the demos)")
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the stack running after the demos until Ctrl-C")
-    parser.add_argument("--run-dir", type=Path, help="folder for logs (default .run/<timestamp>)")
+    parser.add_argument("--run-dir", type=Path, help="folder for logs (default .run/<timestamp>-<pid>)")
     parser.add_argument("--only", help="run only these demos (comma-separated)")
     parser.add_argument("--timeout", type=float, default=180, help="deadline for all the demos")
     parser.add_argument("--json", metavar="FILE", help="write the demo results to FILE")
@@ -65,15 +65,12 @@ def say(message):
 
 
 def run_dir_name(wanted):
-    """The run folder: --run-dir, else a free .run/<timestamp>. Not created here: the first
-    thing started creates it, so a run that fails before starting anything leaves none."""
+    """The run folder: --run-dir, else .run/<timestamp>-<pid>. The PID keeps two runs started in
+    the same second apart. Not created here: the first thing started creates it, so a run that
+    fails before starting anything leaves none."""
     if wanted:
         return wanted.resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix in ("", *(f"-{n}" for n in range(1, 100))):
-        if not (HERE / ".run" / (stamp + suffix)).exists():
-            return HERE / ".run" / (stamp + suffix)
-    raise RuntimeError("cannot find a free run folder name under .run/")
+    return HERE / ".run" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def write_pids(run_dir, started, client=None):

@@ -155,7 +155,7 @@ def test_docker_mode_starts_the_compose_services_waits_for_them_and_stops_them(s
 
 
 def test_a_run_that_fails_before_starting_anything_leaves_no_run_folder(tmp_path):
-    """A copy of run_demo.py in tmp_path makes its .run/<timestamp> there (its own folder),
+    """A copy of run_demo.py in tmp_path makes its .run/<timestamp>-<pid> there (its own folder),
     not in this checkout, where other runs may make theirs at the same time."""
     script = tmp_path / "run_demo.py"
     script.write_text((ROOT / "run_demo.py").read_text())
