@@ -66,9 +66,10 @@ def live(tmp_path_factory):
             run_dir = tmp_path_factory.mktemp("beat")
             with stack.in_process_workers(app, queues, beat=True, run_dir=run_dir) as workers:
                 yield Live(env, app, workers)
-    finally:  # processes that later modules start must not inherit this stack
+    finally:  # later modules (processes they start, the `tasks` app) must not keep this stack
         os.environ.clear()
         os.environ.update(saved)
+        configure()
 
 
 @pytest.fixture

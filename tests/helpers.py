@@ -169,18 +169,20 @@ def client_app(env):
     return app
 
 
-def configure(env):
-    """Point the one `tasks` app at another broker and backend, as a fresh process would see it.
+def configure(env=None):
+    """Point the one `tasks` app at another broker and backend, as a fresh process would see it
+    (``env=None``: at what os.environ says now, as once a module's throw-away stack is gone).
 
     The environment is what celeryconfig reads; the app's cached connections, producer pool and
     result backend are dropped so that nothing still talks to the previous broker.
     """
     import celeryconfig
     import tasks
-    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX",
-                "CELERY_FS_ROOT"):
-        os.environ.pop(key, None)
-    os.environ.update(env)
+    if env is not None:
+        for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_RESULT_KEYPREFIX",
+                    "CELERY_FS_ROOT"):
+            os.environ.pop(key, None)
+        os.environ.update(env)
     importlib.reload(celeryconfig)
     app = tasks.app
     if app._pool is not None:
@@ -191,7 +193,7 @@ def configure(env):
     app._backend_cache = None
     app._local = threading.local()
     app.config_from_object(celeryconfig, force=True)
-    assert app.conf.broker_url == env["CELERY_BROKER_URL"]
+    assert env is None or app.conf.broker_url == env["CELERY_BROKER_URL"]
     return app
 
 
