@@ -224,4 +224,7 @@ def test_a_missing_file_results_folder_is_named(tmp_path):
     assert message.startswith(f"the result backend (the results folder) at file://{folder}"), \
         message
     assert f"check it with `ls -ld {folder}` (the folder must exist)" in message
+    # a client polling a state: Celery would read "no file" as PENDING, for ever
+    read = fault_of(app, lambda: results.get_task_meta(str(uuid.uuid4())))
+    assert read.startswith(f"the result backend (the results folder) at file://{folder}"), read
     assert "redis-cli" not in message and "rabbitmq-diagnostics" not in message
