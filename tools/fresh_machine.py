@@ -81,7 +81,7 @@ def reason_of(message):
     message = re.sub(r"^.*?\.py:\d+: ", "", message)  # pytest's "file:line: " prefix
     message = re.sub(r" \(this machine has no RabbitMQ \+ Redis: .*", "", message, flags=re.S)
     message = re.sub(r": no usable RabbitMQ: .*", ": no usable RabbitMQ", message, flags=re.S)
-    return message.strip()[:200]
+    return message.strip().splitlines()[0][:200] if message.strip() else "(no reason given)"
 
 
 def summarize(junit, max_skip):
