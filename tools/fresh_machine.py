@@ -9,12 +9,14 @@ at most 15 % of its tests may skip (they are the ones that need what is missing;
 
 To model it on a machine that has all of those, the suite runs in a new network namespace
 (only loopback, so nothing answers on 127.0.0.1 and nothing outside is reached) and a new mount
-namespace, in which every one of those programs is covered by an empty, non-executable file
-(`shutil.which` and `command -v` no longer find it) and RabbitMQ's scripts and PostgreSQL's
-socket folder by an empty tmpfs. Nothing outside the namespaces changes; the mounts end with
-the run. Before the tests start it checks that no service answers and no hidden program is
-found, so even the `serial` tests (which on a real machine change RabbitMQ for everyone) only
-meet "no RabbitMQ" here. CI is unset: on CI a skip fails.
+namespace, in which every one of those programs is removed from the folders on PATH (an overlay
+with a whiteout: not found, as if never installed), and RabbitMQ's scripts and PostgreSQL's
+socket folder are covered by an empty tmpfs. Nothing outside the namespaces changes; the mounts
+end with the run. Before the tests start it checks that no service answers and no removed
+program is there, so even the `serial` tests (which on a real machine change RabbitMQ for
+everyone) only meet "no RabbitMQ" here. CI is unset: on CI a skip fails. "Installed with pip"
+means what `make test` leaves: `.venv` made from the requirements (it needs the network, so it
+is not made here: the run stops if `make` would still install).
 
 It prints passed / skipped / failed, the skip percentage, and the skips grouped by reason.
 Exit code 0 when no test failed and at most --max-skip percent skipped.
@@ -24,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,28 +46,38 @@ SERVICE_PORTS = (5672, 15672, 4369, 25672, 6379, 5432)
 
 
 def hide_everything(scratch):
-    """Cover the programs and folders of a machine with services (inside the namespaces)."""
+    """Remove the programs and folders of a machine with services (inside the namespaces).
+
+    Each folder on PATH that holds one of the programs gets an overlay whose upper layer has a
+    whiteout for it: the program is then absent (ENOENT), as on a machine that never had it,
+    not merely unusable. The upper layers live on a tmpfs that ends with the namespace.
+    """
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    empty = Path(scratch) / "not-installed"
-    empty.write_text("")
-    empty.chmod(0o644)  # no execute bit: for root too, os.access(X_OK) is then False
-    covered = set()
-    for name in HIDDEN_PROGRAMS:
-        while (found := shutil.which(name)) is not None:  # each copy on PATH, in turn
-            real = os.path.realpath(found)  # a mount on a symlink covers its target
-            if real in covered:
-                sys.exit(f"could not hide {found}")
-            subprocess.run(["mount", "--bind", str(empty), real], check=True)
-            covered.add(real)
+    scratch = Path(scratch) / "layers"  # a tmpfs: whiteouts need a file system that has them
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", scratch], check=True)
+    folders = {}  # a real folder on PATH -> the programs to remove from it
+    for folder in os.environ["PATH"].split(os.pathsep):
+        names = [name for name in HIDDEN_PROGRAMS if os.path.lexists(os.path.join(folder, name))]
+        if names:
+            folders.setdefault(os.path.realpath(folder), set()).update(names)
+    for n, (folder, names) in enumerate(sorted(folders.items())):
+        upper, work = scratch / f"upper{n}", scratch / f"work{n}"
+        upper.mkdir()
+        work.mkdir()
+        for name in names:
+            os.mknod(upper / name, 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # a whiteout
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={folder},upperdir={upper},workdir={work}", folder], check=True)
     for folder in HIDDEN_FOLDERS:
-        if os.path.isdir(folder) and os.path.realpath(folder) not in covered:
+        if os.path.isdir(folder) and not os.path.ismount(folder):
             subprocess.run(["mount", "-t", "tmpfs", "tmpfs", folder], check=True)
-            covered.add(os.path.realpath(folder))
 
 
 def still_there():
     """What a fresh machine would not have but this namespace still shows (should be [])."""
-    left = [f"`{name}` on PATH" for name in HIDDEN_PROGRAMS if shutil.which(name)]
+    left = [os.path.join(folder, name) for folder in os.environ["PATH"].split(os.pathsep)
+            for name in HIDDEN_PROGRAMS if os.path.lexists(os.path.join(folder, name))]
     for port in SERVICE_PORTS:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -121,6 +134,9 @@ def main():
         # Start again inside new namespaces; they end when this process does
         os.execvp("unshare", ["unshare", "--net", "--mount", "--propagation", "private", "env",
                               f"{INSIDE}=1", sys.executable, *sys.argv])
+    if subprocess.run(["make", "-q", "-C", str(ROOT), ".venv/.installed"]).returncode != 0:
+        sys.exit("install the project first (`make test` does, or `make .venv/.installed`): a "
+                 "fresh machine has it installed, and there is no network to do it here")
     with tempfile.TemporaryDirectory(prefix="fresh-machine-") as scratch:
         hide_everything(scratch)
         left = still_there()
@@ -133,6 +149,8 @@ def main():
         if args.jobs > 1:
             command += ["-n", str(args.jobs), "--dist", "loadscope", "--no-loadscope-reorder"]
         code = subprocess.run([*command, *pytest_args], cwd=ROOT, env=env).returncode
+        # detach the layers (the overlays still hold them), so that the folder can be removed
+        subprocess.run(["umount", "--lazy", str(Path(scratch) / "layers")], check=True)
         if not junit.exists():
             sys.exit(f"pytest ended with exit code {code} and wrote no report")
         sys.exit(summarize(junit, args.max_skip))
