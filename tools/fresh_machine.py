@@ -1,7 +1,7 @@
 """Run the test suite as a fresh machine would, and count what skips (run as root).
 
-    python tools/fresh_machine.py                       # the whole suite, 4 processes
-    python tools/fresh_machine.py --jobs 2 tests/test_config.py
+    sudo .venv/bin/python tools/fresh_machine.py        # the whole suite, 4 processes
+    sudo .venv/bin/python tools/fresh_machine.py --jobs 2 tests/test_config.py
 
 "A fresh machine" is this project installed with pip and nothing else: no RabbitMQ, Redis,
 PostgreSQL, Docker, Chromium or Node.js, and no network. The suite must still pass there, and
