@@ -24,7 +24,6 @@ Exit code 0 when no test failed and at most --max-skip percent skipped.
 import argparse
 import os
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -123,6 +122,20 @@ def summarize(junit, max_skip):
     return 0 if counts["failed"] + counts["error"] == 0 and share <= max_skip else 1
 
 
+def run_suite(junit, jobs, pytest_args):
+    """pytest with a JUnit report at ``junit``; None, or why there is nothing to count."""
+    left = still_there()
+    if left:
+        return "not a fresh machine yet: " + "; ".join(left)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", INSIDE)}
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+               f"--junitxml={junit}"]
+    if jobs > 1:
+        command += ["-n", str(jobs), "--dist", "loadscope", "--no-loadscope-reorder"]
+    code = subprocess.run([*command, *pytest_args], cwd=ROOT, env=env).returncode
+    return None if junit.exists() else f"pytest ended with exit code {code} and wrote no report"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=4, help="pytest-xdist processes (as make test)")
@@ -138,22 +151,14 @@ def main():
         sys.exit("install the project first (`make test` does, or `make .venv/.installed`): a "
                  "fresh machine has it installed, and there is no network to do it here")
     with tempfile.TemporaryDirectory(prefix="fresh-machine-") as scratch:
-        hide_everything(scratch)
-        left = still_there()
-        if left:
-            sys.exit("not a fresh machine yet: " + "; ".join(left))
-        env = {k: v for k, v in os.environ.items() if k not in ("CI", INSIDE)}
-        junit = Path(scratch) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                   f"--junitxml={junit}"]
-        if args.jobs > 1:
-            command += ["-n", str(args.jobs), "--dist", "loadscope", "--no-loadscope-reorder"]
-        code = subprocess.run([*command, *pytest_args], cwd=ROOT, env=env).returncode
-        # detach the layers (the overlays still hold them), so that the folder can be removed
-        subprocess.run(["umount", "--lazy", str(Path(scratch) / "layers")], check=True)
-        if not junit.exists():
-            sys.exit(f"pytest ended with exit code {code} and wrote no report")
-        sys.exit(summarize(junit, args.max_skip))
+        try:
+            hide_everything(scratch)
+            code = run_suite(Path(scratch) / "junit.xml", args.jobs, pytest_args)
+        finally:  # detach the layers (the overlays still hold them): the folder can then go
+            subprocess.run(["umount", "--lazy", str(Path(scratch) / "layers")],
+                           stderr=subprocess.DEVNULL)
+        sys.exit(code if code else summarize(Path(scratch) / "junit.xml", args.max_skip))
+
 
 
 if __name__ == "__main__":
