@@ -2,6 +2,7 @@
 processes (run_demo.py --broker embedded), and in-process workers and beat (complete_demo.py,
 the tests).
 """
+import errno
 import os
 import re
 import socket
@@ -149,6 +150,25 @@ class AtomicFileBackend(FilesystemBackend):
         with self.open(part, "wb") as out:
             out.write(value if isinstance(value, bytes) else value.encode())
         os.replace(part, final)
+
+    def get(self, key):
+        # Celery reads a missing file as "no result yet" (PENDING), also when the whole folder
+        # is gone; but then no worker can store a result, and a client would poll for ever
+        # without a word.
+        self._folder_is_there()
+        return super().get(key)
+
+    def _do_directory_test(self, key):
+        # Celery turns any OSError here (a backend made in a new thread: one per thread) into
+        # ImproperlyConfigured, "does not work correctly", which names no folder.
+        self._folder_is_there()
+        super()._do_directory_test(key)
+
+    def _folder_is_there(self):
+        """Raise FileNotFoundError naming the folder (stack.service_fault: `ls -ld FOLDER`)."""
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                    os.fsdecode(self.path))
 
 
 @contextmanager

@@ -8,6 +8,7 @@ that the password never shows), else the embedded stack. After each refusal, a f
 proves the worker still serves.
 """
 import time
+import uuid
 from urllib.parse import urlparse
 
 from contextlib import ExitStack
@@ -251,3 +252,32 @@ def test_the_worker_never_logs_the_broker_password(served):
     assert f".> transport:   amqp://{user}:**@" in log
     assert f"Connected to amqp://{user}:**@" in log
     assert served.password not in log
+
+
+def test_a_worker_on_sqs_never_logs_the_secret_key(tmp_path):
+    """The password test's twin on a broker that any machine can run: a local SQS server
+    (moto, pip-installed), whose URL carries the AWS secret key where a password goes."""
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    server = stack.Processes(tmp_path / "sqs-server")
+    try:
+        broker = stack.start_local_sqs(server).replace("demo:demo@", f"demo:{secret}@")
+        (tmp_path / "results").mkdir()
+        env = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": f"file://{tmp_path}/results",
+               "CELERY_BROKER_PREFIX": f"bad-input-{uuid.uuid4().hex[:6]}-"}
+        procs = stack.Processes(tmp_path / "run", env)
+        try:
+            start_worker(procs, "sqs", "celery")
+            log = procs.run_dir / "sqs.log"
+            assert wait_for_log(log, " ready.", 60), stack.tail(log, 40)  # SQS: no ping
+            app = client_app(env)
+            try:  # it really used the key: a task went through
+                assert app.send_task("tasks.add", (2, 3)).get(timeout=30) == 5
+            finally:
+                app.close()
+        finally:
+            procs.stop_all()
+    finally:
+        server.stop_all(grace=5)
+    text = log.read_text(errors="replace")
+    assert ".> transport:   sqs://demo:**@127.0.0.1:" in text, text
+    assert secret not in text

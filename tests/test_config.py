@@ -128,14 +128,21 @@ def test_tasks_py_shows_the_app_and_its_first_task_in_its_first_30_lines():
 CLIENT = "from tasks import add; print(add.delay(2, 3).get(timeout=10))"
 
 
-def test_the_two_files_alone_in_an_empty_folder_run_a_worker_and_a_client(rabbit_env, tmp_path):
+@pytest.mark.parametrize("broker", ["rabbitmq", "embedded"])
+def test_the_two_files_alone_in_an_empty_folder_run_a_worker_and_a_client(broker, tmp_path,
+                                                                          request):
     """The take-home test: a copy of tasks.py and celeryconfig.py, nothing else, with the
-    README's commands (on a throw-away vhost and Redis key prefix)."""
+    README's commands: on RabbitMQ + Redis (a throw-away vhost and Redis key prefix), and with
+    the two exports of README step 2 d) (filesystem:// + file://, in the copy's folder), where
+    the copy also goes without the embedded stack's fixes from stack/."""
     home = tmp_path / "home"
     home.mkdir()
     for name in ("tasks.py", "celeryconfig.py"):
         shutil.copy(ROOT / name, home / name)
-    env = {**rabbit_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    services = (request.getfixturevalue("rabbit_env") if broker == "rabbitmq" else
+                {"CELERY_BROKER_URL": "filesystem://",
+                 "CELERY_RESULT_BACKEND": f"file://{home}/celery-results"})
+    env = {**services, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     alone = run([sys.executable, "-c", "import importlib.util, celeryconfig; "
                  "print(importlib.util.find_spec('stack'), celeryconfig.EXTRAS)"],
                 env=env, cwd=home)

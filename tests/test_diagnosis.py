@@ -176,7 +176,8 @@ def test_a_postgresql_result_backend_made_while_frozen_fails_within_its_deadline
 
 
 def test_a_frozen_sqs_endpoint_is_named_with_aws_sqs(frozen, tmp_path):
-    require_rabbit("needs the machine's services: CI proves SQS with a local moto server")
+    """A local SQS server (moto, pip-installed) and file:// results: no service of the
+    machine's, so it runs on a fresh machine too."""
     server = stack.Processes(tmp_path / "sqs-server")
     try:
         url = stack.start_local_sqs(server)
@@ -224,4 +225,7 @@ def test_a_missing_file_results_folder_is_named(tmp_path):
     assert message.startswith(f"the result backend (the results folder) at file://{folder}"), \
         message
     assert f"check it with `ls -ld {folder}` (the folder must exist)" in message
+    # a client polling a state: Celery would read "no file" as PENDING, for ever
+    read = fault_of(app, lambda: results.get_task_meta(str(uuid.uuid4())))
+    assert read.startswith(f"the result backend (the results folder) at file://{folder}"), read
     assert "redis-cli" not in message and "rabbitmq-diagnostics" not in message

@@ -1,6 +1,7 @@
 """Other applications call the workers: a Celery app with Celery's default settings that sends
 by name from another folder, and celery-node (a Node.js client of Celery's protocol), on
-RabbitMQ and on Redis, with the commands of docs/other-applications.md run as written.
+RabbitMQ and on Redis (the Python client on the embedded stack too), with the commands of
+docs/other-applications.md run as written.
 
     pytest tests/test_other_applications.py
 
@@ -26,12 +27,16 @@ def documented(kind):
             for line in body.splitlines() if line.strip() and not line.startswith("#")]
 
 
-@pytest.fixture(scope="module", params=["rabbitmq", "redis"])
+@pytest.fixture(scope="module")
 def workers(request, tmp_path_factory):
-    """The README's workers for `celery` and `slow_queue`, on RabbitMQ or on Redis."""
-    require_rabbit("RabbitMQ and Redis, the brokers a client of another kind must meet")
+    """The README's workers for `celery` and `slow_queue`, on the broker a test names
+    (indirect parametrization): RabbitMQ, Redis, or the embedded stack."""
+    if request.param != "embedded":
+        require_rabbit("RabbitMQ and Redis, the brokers a client of another kind must meet")
     with ExitStack() as exits:
-        if request.param == "rabbitmq":
+        if request.param == "embedded":  # its folders: CELERY_FS_ROOT, absolute
+            env = stack.resolve("embedded", run_dir=tmp_path_factory.mktemp("embedded"))
+        elif request.param == "rabbitmq":
             env = dict(exits.enter_context(throwaway_stack(tmp_path_factory.mktemp("stack"))))
         else:  # broker keys and results under one prefix, deleted afterwards
             prefix = exits.enter_context(stack.throwaway_redis_prefix())
@@ -47,6 +52,8 @@ def workers(request, tmp_path_factory):
         yield env
 
 
+# celery-node has no filesystem transport: it meets the workers on RabbitMQ and Redis only
+@pytest.mark.parametrize("workers", ["rabbitmq", "redis", "embedded"], indirect=True)
 def test_a_default_celery_app_in_another_folder_gets_5(workers, tmp_path):
     """The chapter's command, run where there is no tasks.py and no celeryconfig.py."""
     (tmp_path / "examples" / "python").mkdir(parents=True)
@@ -58,6 +65,7 @@ def test_a_default_celery_app_in_another_folder_gets_5(workers, tmp_path):
         assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
 
 
+@pytest.mark.parametrize("workers", ["rabbitmq", "redis"], indirect=True)
 def test_celery_node_from_npm_gets_5(workers, tmp_path):
     """`npm ci` installs the pinned celery-node; its script sends tasks.add by name."""
     if not (shutil.which("node") and shutil.which("npm")):

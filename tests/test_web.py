@@ -8,6 +8,7 @@ The workers are prefork processes for `celery` and `slow_queue`, as run_demo.py 
 """
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -310,6 +311,28 @@ def test_a_service_that_freezes_mid_run_gets_503_naming_it_not_a_hang(rabbit_env
     assert ("(the rpc:// results travel through it)" in answer.json()["error"]) == rpc
     assert took < DEADLINE + 3, f"{took:.1f}s"  # web.py's own deadline, not kombu's 18 s
     print(f"\nfrozen {service}: 503 after {took:.1f}s: {answer.json()['error']}")
+
+
+@pytest.mark.parametrize("service", ["broker", "result backend"])
+def test_an_embedded_folder_lost_mid_run_gets_503_naming_it(web_without, tmp_path, service):
+    """The embedded stack's twin of a frozen service: its message or results folder removed
+    while web.py runs (before, a lost results folder read as PENDING for ever)."""
+    web = web_without()  # the embedded stack of web_without, in tmp_path
+    task_id = web.start(1)  # both answer: no worker needed to send and to look
+    assert web.call("GET", f"/api/tasks/{task_id}").json()["state"] == "PENDING"
+    folder = tmp_path / "embedded" / ("messages" if service == "broker" else "results")
+    shutil.rmtree(folder)
+    started = time.monotonic()
+    answer = (web.call("GET", f"/api/tasks/{task_id}") if service == "result backend"
+              else web.call("POST", "/api/slow_task", json={"duration": 1}))
+    took = time.monotonic() - started
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error.startswith("the broker (kombu's filesystem transport) at filesystem://"
+                            if service == "broker" else
+                            f"the result backend (the results folder) at file://{folder}"), error
+    assert f"cannot use its folder {folder}" in error
+    assert took < DEADLINE + 3, f"{took:.1f}s"
 
 
 def test_an_unknown_path_is_a_json_404(web):

@@ -25,6 +25,14 @@ if os.environ.get("CELERY_RESULT_KEYPREFIX"):
         "global_keyprefix": os.environ["CELERY_RESULT_KEYPREFIX"]}
 if os.environ.get("CELERY_BROKER_PREFIX"):
     app.conf.broker_transport_options = {"global_keyprefix": os.environ["CELERY_BROKER_PREFIX"]}
+# Only on the embedded stack (kombu's filesystem:// transport): the folders the workers use
+# (celeryconfig.py), which a default app would look for in the current folder instead.
+if os.environ.get("CELERY_FS_ROOT"):
+    root = os.environ["CELERY_FS_ROOT"]
+    app.conf.broker_transport_options = {
+        "data_folder_in": os.path.join(root, "messages"),
+        "data_folder_out": os.path.join(root, "messages"),
+        "control_folder": os.path.join(root, "control")}
 
 result = app.send_task("tasks.add", (args.x, args.y))
 print(result.get(timeout=10))  # never wait without a timeout
