@@ -15,14 +15,20 @@ AsyncResult(id, app=tasks.app).state`` got Celery's FilesystemBackend, not Atomi
 tasks.py reads its configuration at once (``config_from_object(..., force=True)``).
 """
 import functools
+import socket
+import threading
+import time
 
+from amqp.exceptions import MessageNacked
 from celery.backends import rpc
 from celery._state import task_join_will_block
 from kombu.common import maybe_declare
+from kombu.exceptions import OperationalError
 
 __all__ = ["bound_event_retries", "track_only_live_children", "sub_second_countdowns",
            "delayed_delivery_on_current_node", "declare_queues_before_delay_binding",
-           "failover_without_goodbye", "install_client_workarounds", "RPCBackend",
+           "failover_without_goodbye", "sends_within_deadline", "install_client_workarounds",
+           "RPCBackend",
            "fail_fast_table_creation"]
 
 # One quick retry for an event the worker sends: see bound_event_retries
@@ -186,9 +192,125 @@ def failover_without_goodbye():
     Connection.switch = switch_at_once
 
 
+# One send (the task's message and its task-sent event) ends within this many seconds: the 15 s
+# that docs/cluster.md promises, less a second of slack for a loaded machine. A node cut off
+# costs the cluster net_ticktime (10 s) and a little more before a queue it led confirms again
+# (measured without a deadline: sends confirmed after 14.5 s and 20.4 s).
+SEND_DEADLINE = 14.0
+RETRIES_WITHIN_DEADLINE = 20  # the deadline, not this, ends a send that keeps failing
+_send = threading.local()  # the deadline of the send this thread is in, if any
+
+
+class SendDeadlineExceeded(OperationalError):
+    """No node of the failover list confirmed the message in time: kombu's error for a broker
+    that failed, which the project's one-line diagnosis turns into a line naming the broker,
+    and which kombu's retry loop does not retry."""
+
+
+def _drop_socket(connection, lock, state):
+    """At the deadline: shut the socket a send is blocked on (a confirm, a declare, a channel
+    open), so that its read returns at once; the send then gives up (past_deadline)."""
+    with lock:
+        if state["done"]:
+            return
+        state["expired"] = True
+        sock = getattr(getattr(connection._connection, "transport", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed: nothing blocks on it
+
+
+def sends_within_deadline(seconds=SEND_DEADLINE):
+    """End every send of a task within ``seconds``: it succeeds, or it raises
+    SendDeadlineExceeded naming the nodes it tried.
+
+    kombu/Celery gap (celery/kombu#1024, celery/celery#4627): ``task_publish_retry_policy``
+    bounds how many times a send is tried, not how long: each attempt may connect (3 s on a
+    cut-off node), open a channel and declare the queue (each waiting up to the 6 s read
+    timeout: a node's declare waits until the cluster has declared the cut node down), then
+    wait up to 6 s for the publisher confirm. Measured after a node was cut off: 20.4 s for
+    one ``apply_async``, over three attempts. Here a send (``Celery.send_task``, which
+    ``apply_async`` calls) sets a deadline; each of its publishes (the task, its task-sent
+    event) arms a timer that shuts the socket it waits on at the deadline, and kombu's retry
+    callback gives up before a connect that could end after it. Within the deadline a send is
+    retried as often as it takes (a nack, from a node whose queue has no leader yet, half a
+    second later): the deadline, not a count, ends it. A message whose confirm came too late
+    may still be in the queue: the task can run although its send failed (tests/test_cluster.py
+    counts those).
+    """
+    from celery import Celery
+    from kombu import Producer
+    send_task, publish = Celery.send_task, Producer.publish
+    if getattr(send_task, "within_deadline", False):
+        return
+
+    @functools.wraps(send_task)
+    def send_task_within(self, *args, **kwargs):
+        if getattr(_send, "deadline", None) is not None:  # a send inside a send: the outer one
+            return send_task(self, *args, **kwargs)
+        _send.deadline, _send.tried = time.monotonic() + seconds, []
+        try:
+            return send_task(self, *args, **kwargs)
+        finally:
+            _send.deadline = None
+
+    @functools.wraps(publish)
+    def publish_within(self, *args, retry=False, retry_policy=None, **kwargs):
+        deadline = getattr(_send, "deadline", None)
+        if deadline is None:
+            return publish(self, *args, retry=retry, retry_policy=retry_policy, **kwargs)
+        connection = self.connection
+        lock, state = threading.Lock(), {"done": False, "expired": False}
+
+        def give_up(exc):
+            tried = ", ".join(dict.fromkeys(_send.tried)) or connection.host
+            error = SendDeadlineExceeded(f"no node confirmed the message (tried {tried}; last "
+                                         f"{type(exc).__name__}: {exc})".replace(": )", ")"))
+            error.seconds = seconds
+            return error
+
+        def past_deadline(exc, interval):
+            """kombu calls this before each reconnect and each further connect attempt: no
+            connect starts that could outlast the deadline (one to a cut-off node takes the
+            whole connect timeout). A node that nacked the message has no leader for the
+            queue yet (the old one was lost): ask again half a second later, not at once."""
+            if time.monotonic() + connection.connect_timeout >= deadline or state["expired"]:
+                raise give_up(exc) from exc
+            _send.tried.append(connection.host)  # the node that failed, or the one tried next
+            if isinstance(exc, MessageNacked):
+                time.sleep(0.5)
+
+        policy = dict(retry_policy or {}, errback=past_deadline,
+                      on_revive=lambda channel: _send.tried.append(connection.host),
+                      max_retries=RETRIES_WITHIN_DEADLINE)
+        _send.tried.append(connection.host)
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), _drop_socket,
+                                (connection, lock, state))
+        timer.daemon = True
+        timer.start()
+        try:
+            return publish(self, *args, retry=retry, retry_policy=policy, **kwargs)
+        except SendDeadlineExceeded:
+            raise
+        except Exception as exc:
+            if state["expired"] or time.monotonic() >= deadline:
+                raise give_up(exc) from exc
+            raise
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+
+    send_task_within.within_deadline = True
+    Celery.send_task, Producer.publish = send_task_within, publish_within
+
+
 def install_client_workarounds(app):
     """The workarounds a process that sends tasks needs, by ``app``'s configuration: a
-    failover list of brokers (failover_without_goodbye), quorum queues (sub_second_countdowns).
+    failover list of brokers (failover_without_goodbye, sends_within_deadline), quorum queues
+    (sub_second_countdowns).
     Called by this project's clients (stack.ClientGuard, the tests' and hosts' client apps) and,
     at worker_init and beat_init, by stack/worker_signals.py. Not from celeryconfig.py, which
     must stand alone: a plain copy of it goes without them (docs/cluster.md says what that
@@ -196,6 +318,7 @@ def install_client_workarounds(app):
     from .capabilities import queue_type
     if ";" in str(app.conf.broker_url):
         failover_without_goodbye()
+        sends_within_deadline()
     if queue_type(app.conf.task_queues) == "quorum":
         sub_second_countdowns()
 

@@ -171,7 +171,9 @@ def service_fault(exc, app):
     if part.kind == "rabbitmq" and rabbitmq_alarms(broker_url):
         # a publish that timed out because of an alarm we were not told about
         return service_fault(PublishersBlocked(), app)
-    timeout = (app.conf.broker_transport_options or {}).get("read_timeout")
+    # a send that gave up at its deadline (stack/celery_gaps.py) waited that long, not one read
+    timeout = getattr(exc, "seconds", None) or (app.conf.broker_transport_options or {}).get(
+        "read_timeout")
     within = f" within {timeout:g} s" if timeout else ""
     results = (" (the rpc:// results travel through it)"
                if component(backend_url, BACKENDS).kind == "rpc" else "")

@@ -6,11 +6,15 @@ The hosts (network namespaces, stack/cluster.py) are built once for the module: 
 nodes joined by the chapter's own commands, Redis on ``results``, two workers consuming every
 queue, beat. One test runs the benchmark's tuned case on it, with quorum queues and next to
 one node with classic queues (bench/cluster.py, small counts). Each fault test loses one node
-while 300 late-ack tasks are sent and run, then restores it, so the next test finds the full
-cluster again. Without root or namespaces the tests skip, saying why (on CI that is a failure).
+while 300 late-ack tasks are sent and run, then restores it (after a cut, with the chapter's
+steps for a node that does not rejoin by itself), so the next test finds the full cluster
+again; if it does not, the next fault tests fail at once, saying why. Without root or
+namespaces the tests skip, saying why (on CI that is a failure).
 """
+import json
 import re
 import time
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
@@ -30,7 +34,8 @@ CHAPTER = ROOT / "docs" / "cluster.md"
 # whole machine (on 2 cores beside the parallel phase, heartbeats and net_ticktime run late).
 pytestmark = [pytest.mark.serial, pytest.mark.timeout(600)]
 TASKS = 300                 # late-ack tasks per fault
-SEND_LIMIT = 15.0           # no send may block longer (seconds)
+SEND_LIMIT = 15.0           # no send may block longer (seconds): it fails over, or fails in one
+#                             line (stack/celery_gaps.py: sends_within_deadline)
 CONSUME_AGAIN = 60.0        # every worker finishes a task sent after the fault within this
 
 
@@ -41,6 +46,7 @@ class Cluster:
         self.hosts, self.rabbit, self.env_block = hosts, rabbit, env_block
         self.workers, self.nodes = {}, []  # (host, log name) -> process; worker node names
         self.said, self.later_steps = {}, []
+        self.broken = None  # why the cluster is not whole after a test, if it is not
 
     def shell(self, host, script, timeout=240):
         """bash on ``host``: a node's host has its rabbitmqctl, the others the env block."""
@@ -66,19 +72,41 @@ class Cluster:
                 return dict(zip(columns, values))
         return {}
 
+    def views(self):
+        """{node host: (its running nodes, its partitions)} as each node answers (None: it did
+        not answer)."""
+        views = {}
+        for host in clusterlib.NODE_HOSTS:
+            try:
+                status = json.loads(self.rabbit.rabbitmqctl(
+                    host, "cluster_status", "--formatter", "json", timeout=20))
+                views[host] = (sorted(status["running_nodes"]), status["partitions"])
+            except Exception:  # a node that does not answer (yet) is not whole
+                views[host] = None
+        return views
+
     def wait_until_whole(self, timeout=120):
-        """Until all three nodes run, with no partition, seen from every node."""
+        """Until all three nodes run, with no partition, seen from every node. On timeout, the
+        error says what each node saw, and the fault tests that follow fail at once (see
+        require_whole) instead of waiting again."""
+        every = sorted(f"rabbit@{h}" for h in clusterlib.NODE_HOSTS)
         def whole():
-            for host in clusterlib.NODE_HOSTS:
-                status = self.rabbit.rabbitmqctl(host, "cluster_status", "--formatter", "json",
-                                                 timeout=20, check=False)
-                if not all(f"rabbit@{h}" in status.split('"running_nodes"')[-1].split("]")[0]
-                           for h in clusterlib.NODE_HOSTS) or '"partitions":{}' not in \
-                        status.replace(" ", ""):
-                    return False
-            return True
-        stack.eventually(whole, "the three nodes to run as one cluster again", timeout,
-                         interval=2, ignore=(Exception,))
+            return all(view == (every, {}) for view in self.views().values())
+        started = time.monotonic()
+        try:
+            stack.eventually(whole, "the three nodes to run as one cluster again", timeout,
+                             interval=2)
+        except TimeoutError as exc:
+            self.broken = f"{exc}; each node's view (running nodes, partitions): {self.views()}"
+            raise AssertionError(self.broken) from None
+        self.broken = None
+        print(f"the cluster was whole {time.monotonic() - started:.1f}s after the heal")
+
+    def require_whole(self):
+        """Fail at once if an earlier test left the cluster broken (a fault test needs all three
+        nodes), unless it has become whole since."""
+        if self.broken:
+            self.wait_until_whole(timeout=10)
 
     def logs(self):
         return "".join(f"--- end of {name}.log ---\n{stack.tail(path, 30)}\n"
@@ -203,9 +231,14 @@ def succeeded_counts(cluster, since):
 
 def lose_a_node_mid_run(cluster, fault, heal, what):
     """Send TASKS late-ack tasks while they run; ``fault()`` after a third was sent, ``heal()``
-    once everything is done. Returns the measurements; asserts the issue's promises."""
+    once everything is done. Returns the measurements; asserts the issue's promises.
+
+    Each send names its task id, so that a send that failed (not accepted) but whose message
+    the cluster enqueued anyway (its publisher confirm came too late) is seen when it runs:
+    counted as an extra, not as a lost or an accepted task."""
+    cluster.require_whole()
     logs = {path: path.stat().st_size for _, _, path in cluster.hosts.processes.started}
-    sends, failures, results = [], [], []
+    sends, failures, failed_ids, results = [], [], [], []
     with cluster.client() as app:
         app.send_task("tasks.add", (0, 0)).get(timeout=30)  # connected before the clock starts
         fault_at = fault_wall = None
@@ -214,12 +247,15 @@ def lose_a_node_mid_run(cluster, fault, heal, what):
                 if i == TASKS // 3:
                     fault()
                     fault_at, fault_wall, first_after = time.monotonic(), time.time(), len(results)
+                task_id = str(uuid.uuid4())
                 started = time.monotonic()
                 try:
-                    results.append(app.send_task("tasks.slow_task", (2, 0.2)))
+                    results.append(app.send_task("tasks.slow_task", (2, 0.2), task_id=task_id))
+                    sends.append(time.monotonic() - started)
                 except Exception as exc:  # a failed send is not an accepted task; said in one line
+                    sends.append(time.monotonic() - started)  # the diagnosis is not the send's
                     failures.append(stack.service_fault(exc, app) or repr(exc))
-                sends.append(time.monotonic() - started)
+                    failed_ids.append(task_id)
                 time.sleep(0.1)  # slower than the workers: a task waits only while none consumes
             deadline = time.monotonic() + 180
             done = {}
@@ -235,36 +271,32 @@ def lose_a_node_mid_run(cluster, fault, heal, what):
         finally:
             heal()
     counts = succeeded_counts(cluster, logs)
-    duplicates = sum(n - 1 for n in counts.values() if n > 1)
+    accepted = {r.id for r in results}
     measured = {"fault": what, "sent": TASKS, "accepted": len(results), "failed_sends": failures,
-                "done": len(done), "slowest_send": max(sends), "duplicates": duplicates,
+                "done": len(done), "slowest_send": max(sends),
+                # a task run more than once: its worker lost the node before its ack got there
+                "duplicates": sum(n - 1 for i, n in counts.items() if n > 1 and i in accepted),
+                # a send that failed, but the cluster had the message: it ran all the same
+                "extras": sum(n for i, n in counts.items() if i in set(failed_ids)),
                 "consuming_again": again, "run_seconds": time.monotonic() - fault_at}
     print(f"\n{what}: {measured}")
     assert len(done) == len(results) and all(v["steps"] == 2 for v in done.values())
+    assert set(counts) <= accepted | set(failed_ids), "a task ran that nobody sent"
     assert all(line.startswith("the broker at amqp://celery:**@") and "s3cret" not in line
                for line in failures), failures  # one line, every password masked
     assert set(again) == set(cluster.nodes), f"a worker finished nothing after the fault: {again}"
     assert max(again.values()) <= CONSUME_AGAIN, measured
+    assert measured["slowest_send"] <= SEND_LIMIT, measured
     return measured
 
 
-def no_send_blocked_too_long(measured):
-    """The issue's bound on a client send. Open (docs/cluster.md, section 9): after a cut, a
-    publisher confirm waits for the queue's new leader, and kombu's new pool connections start
-    at the first URL of the list again; measured up to 20-25 s (60 s before
-    failover_without_goodbye)."""
-    if measured["slowest_send"] > SEND_LIMIT:
-        pytest.xfail(f"a client send blocked {measured['slowest_send']:.1f}s > {SEND_LIMIT:g}s "
-                     f"after the cut (confirm wait + kombu failover; docs/cluster.md)")
-
-
 def test_a_node_killed_mid_run_loses_no_task(cluster, logs_on_failure):
+    cluster.require_whole()  # an earlier fault test may have left it broken
     victim = "rabbit1"  # every client's first node, and the leader of the queues it declared
-    measured = lose_a_node_mid_run(cluster, lambda: cluster.rabbit.kill(victim),
-                                   lambda: cluster.rabbit.start(victim),
-                                   f"{victim} killed (SIGKILL)")
+    lose_a_node_mid_run(cluster, lambda: cluster.rabbit.kill(victim),
+                        lambda: cluster.rabbit.start(victim),
+                        f"{victim} killed (SIGKILL)")
     cluster.wait_until_whole()
-    assert measured["slowest_send"] <= SEND_LIMIT, measured  # a reset: failover at once
 
 
 def busiest_node(cluster):
@@ -274,22 +306,46 @@ def busiest_node(cluster):
     return max(clusterlib.NODE_HOSTS, key=lambda h: by_address[cluster.hosts[h].address])
 
 
+def cut_and_heal(cluster, host):
+    """(fault, heal) for lose_a_node_mid_run: unplug ``host``'s cable; plug it back in, then
+    what section 8 of the chapter tells an operator to do once the link is back. If the node
+    has not rejoined within a minute: a node that does not answer is stuck in its start
+    (`global:sync()`), and is restarted (its service, in the chapter; here the harness kills
+    and starts it); a node that answers while a partition is still listed gets the chapter's
+    `recover` block, run on it as written. Prints what it had to do."""
+    def heal():
+        cluster.hosts.restore(host)
+        try:
+            cluster.wait_until_whole(timeout=60)
+            return
+        except AssertionError as exc:
+            print(f"\n{host} was cut off; a minute after the heal: {exc}")
+        if cluster.views()[host] is None:
+            print(f"{host} does not answer (its start is stuck): restarting it, as the chapter "
+                  f"says")
+            cluster.rabbit.kill(host)
+            cluster.rabbit.start(host)
+            return
+        recover = next(body for kind, _, _, body in chapter_blocks(CHAPTER.read_text())
+                       if kind == "recover")
+        done = cluster.shell(host, recover, timeout=120)
+        print(f"the chapter's recover block on {host}: exit {done.returncode}")
+    return (lambda: cluster.hosts.cut(host)), heal
+
+
 def test_a_node_cut_off_mid_run_loses_no_task_and_the_workers_keep_consuming(
         cluster, logs_on_failure):
+    cluster.require_whole()  # an earlier fault test may have left it broken
     victim = busiest_node(cluster)  # the node the client and the workers are connected to
-    measured = lose_a_node_mid_run(cluster, lambda: cluster.hosts.cut(victim),
-                                   lambda: cluster.hosts.restore(victim),
-                                   f"{victim} cut off (no FIN)")
+    lose_a_node_mid_run(cluster, *cut_and_heal(cluster, victim), f"{victim} cut off (no FIN)")
     cluster.wait_until_whole()
-    no_send_blocked_too_long(measured)
 
 
 def test_the_node_that_leads_the_queue_cut_off_mid_run_loses_no_task(cluster, logs_on_failure):
+    cluster.require_whole()  # an earlier fault test may have left it broken
     leader = cluster.queue_info("slow_queue", "rabbit1")["leader"].split("@")[1]
-    measured = lose_a_node_mid_run(cluster, lambda: cluster.hosts.cut(leader),
-                                   lambda: cluster.hosts.restore(leader),
-                                   f"{leader}, the leader of slow_queue, cut off (no FIN)")
+    lose_a_node_mid_run(cluster, *cut_and_heal(cluster, leader),
+                        f"{leader}, the leader of slow_queue, cut off (no FIN)")
     cluster.wait_until_whole()
     new_leader = cluster.queue_info("slow_queue", "rabbit1")["leader"]
     print(f"slow_queue's leader after the fault: {new_leader} (was rabbit@{leader})")
-    no_send_blocked_too_long(measured)
