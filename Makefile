@@ -23,16 +23,23 @@ complete-demo: $(STAMP)
 # (pytest-xdist; --dist loadscope runs a module's tests in one process, so that what they share,
 # such as the hosts cluster or the in-process workers, is made once; the longest modules go
 # first, see SLOWEST_FIRST in tests/conftest.py). Each test has its own vhost, key prefix,
-# database and folder, so modules run side by side. Then, alone, the tests that change RabbitMQ
-# for the whole machine (an alarm, stop_app), which would block or cut off every other test, and
-# the three-node cluster, which needs the whole machine (tests/test_cluster.py).
-# Exit code 5 ("no tests collected": ARGS chose none of a phase's tests) is not a failure; any
-# other failure of either phase is.
+# database and folder, so modules run side by side. Then the `serial` tests: one after another,
+# those that change RabbitMQ for the whole machine (an alarm, stop_app), which would block or cut
+# off every other test; beside them the `cluster` ones (tests/test_cluster.py), which need the
+# machine's cores but run RabbitMQ nodes of their own. Their output comes after the others', from
+# a log, so that the two do not interleave.
+# Exit code 5 ("no tests collected": ARGS chose none of a run's tests) is not a failure; any
+# other failure of any run is.
 JOBS ?= 4
 test: $(STAMP)
 	@status=0; \
 	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope --no-loadscope-reorder -m "not serial" || [ $$? -eq 5 ] || status=1; \
-	$(BIN)/python -m pytest $(ARGS) -n 0 -m serial || [ $$? -eq 5 ] || status=1; \
+	log=$$(mktemp); \
+	$(BIN)/python -m pytest $(ARGS) -n 0 -m "serial and cluster" >$$log 2>&1 & cluster=$$!; \
+	$(BIN)/python -m pytest $(ARGS) -n 0 -m "serial and not cluster" || [ $$? -eq 5 ] || status=1; \
+	wait $$cluster || [ $$? -eq 5 ] || status=1; \
+	echo "--- the serial tests marked cluster, which ran beside those above ---"; \
+	cat $$log; rm -f $$log; \
 	exit $$status
 
 benchmark: $(STAMP)

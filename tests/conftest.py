@@ -29,10 +29,19 @@ SLOWEST_FIRST = ("test_hosts", "test_readme", "test_stacks", "test_benchmark", "
                  "test_compose", "test_web")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first
-def pytest_collection_modifyitems(items):
+# `make test`'s second phase runs the `cluster` tests beside the other `serial` ones: they build
+# their own RabbitMQ in network namespaces and never use this machine's. Until
+# tests/test_cluster.py says `cluster` in its pytestmark, it is given here.
+CLUSTER_MODULES = ("test_cluster",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first,
+def pytest_collection_modifyitems(items):  # and before -m selects by the markers
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: per module
+    for item in items:
+        if item.module.__name__ in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture
