@@ -29,7 +29,7 @@ def pytest_runtest_makereport(item, call):
 SHARE_NOTHING = ("test_readme", "test_benchmark", "test_midrun_faults", "test_run_demo",
                  "test_diagnosis")
 
-# The longest units (about 180 s down to 25 s on CI) start first: pytest-xdist hands them out in
+# The longest units (about 170 s down to 25 s here) start first: pytest-xdist hands them out in
 # this order, so that none of them is left running alone at the end while the other processes
 # idle.
 SLOWEST_FIRST = ("test_hosts", "test_stacks", "test_readme", "test_benchmark",
