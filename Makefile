@@ -27,9 +27,9 @@ complete-demo: $(STAMP)
 # have two cores: the tests mostly wait (for workers, deadlines, frozen services); on two cores
 # 4, 6 and 8 processes took 345, 237 and 217 s (the hosts module alone takes about 170 s).
 # Then the `serial` tests: one after another, those that change RabbitMQ for the whole machine
-# (an alarm, stop_app), which would block or cut off every other test; beside them the `cluster` ones (tests/test_cluster.py), which need the
-# machine's cores but run RabbitMQ nodes of their own. Their output comes after the others', from
-# a log, so that the two do not interleave.
+# (an alarm, stop_app), which would block or cut off every other test; beside them the `cluster`
+# ones (tests/test_cluster.py), which need the machine's cores but run RabbitMQ nodes of their
+# own. Their output comes after the others', from a log, so that the two do not interleave.
 # Exit code 5 ("no tests collected": ARGS chose none of a run's tests) is not a failure; any
 # other failure of any run is.
 JOBS ?= 6
