@@ -31,12 +31,12 @@ complete-demo: $(STAMP)
 # ones (tests/test_cluster.py), which need the machine's cores but run RabbitMQ nodes of their
 # own. Their output comes after the others', from a log, so that the two do not interleave.
 # Exit code 5 ("no tests collected": ARGS chose none of a run's tests) is not a failure; any
-# other failure of any run is.
+# other failure of any run is. Exit code 2 of the first phase (Ctrl-C) ends it all there.
 JOBS ?= 6
 test: $(STAMP)
 	@status=0; \
-	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope --no-loadscope-reorder -m "not serial" || [ $$? -eq 5 ] || status=1; \
-	log=$$(mktemp); \
+	$(BIN)/python -m pytest $(ARGS) -n $(JOBS) --dist loadscope --no-loadscope-reorder -m "not serial" || { code=$$?; [ $$code -ne 2 ] || exit 2; [ $$code -eq 5 ] || status=1; }; \
+	log=$$(mktemp -t celery-demo-cluster-tests.XXXXXX); \
 	$(BIN)/python -m pytest $(ARGS) -n 0 -m "serial and cluster" >$$log 2>&1 & cluster=$$!; \
 	$(BIN)/python -m pytest $(ARGS) -n 0 -m "serial and not cluster" || [ $$? -eq 5 ] || status=1; \
 	wait $$cluster || [ $$? -eq 5 ] || status=1; \

@@ -2,6 +2,7 @@
 (imported by name: ``from helpers import python``), and so is the one environment scrub.
 """
 import os
+import signal
 
 import pytest
 
@@ -56,6 +57,10 @@ def pytest_xdist_make_scheduler(config, log):
 # their own RabbitMQ in network namespaces and never use this machine's. Until
 # tests/test_cluster.py says `cluster` in its pytestmark, it is given here.
 CLUSTER_MODULES = ("test_cluster",)
+# They run in the background of the Makefile's shell, which starts them with Ctrl-C ignored:
+# heard again, Ctrl-C ends them as it ends the others, through their clean-up (`finally`).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first,
