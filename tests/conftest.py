@@ -72,6 +72,19 @@ def pytest_collection_modifyitems(items):  # and before -m selects by the marker
             item.add_marker(pytest.mark.cluster)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test of a SHARE_NOTHING module fails if it shares a fixture made once per module
+    after all: each process that runs one of those tests would make it again."""
+    if item.module.__name__ in SHARE_NOTHING and not item.get_closest_marker("serial"):
+        shared = [name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                  if defs[-1].scope in ("package", "module", "class")]
+        if shared:
+            pytest.fail(f"{item.nodeid} uses {', '.join(shared)}, made once per module: take "
+                        f"{item.module.__name__} out of SHARE_NOTHING in tests/conftest.py",
+                        pytrace=False)
+
+
 @pytest.fixture
 def stack_env(tmp_path):
     """A throw-away stack for this test (RabbitMQ + Redis, or embedded)."""
