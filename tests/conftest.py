@@ -2,6 +2,7 @@
 (imported by name: ``from helpers import python``), and so is the one environment scrub.
 """
 import os
+import signal
 
 import pytest
 
@@ -21,18 +22,67 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI=true, so no test may skip, but this one did: {reason}"
 
 
-# The longest modules (from about 160 s down to 55 s on CI) start first under `make test`'s
-# parallel run: pytest-xdist hands each process its modules in this order, so none of them is
-# left running alone at the end while the other processes idle.
-SLOWEST_FIRST = ("test_hosts", "test_readme", "test_stacks", "test_benchmark", "test_diagnosis",
-                 "test_midrun_faults", "test_run_demo", "test_faults", "test_bad_input",
-                 "test_compose", "test_web")
+# Under `make test`'s parallel run (pytest-xdist, --dist loadscope) a module is one unit of work,
+# given to one process, so that what its tests share (a module fixture: the hosts, the
+# in-process workers, a run per stack) is made once. The tests of these modules share nothing
+# of the kind: each is a unit of its own, so that their long ones (a README journey, a benchmark
+# run, a full run_demo.py) spread over the processes instead of queueing in one.
+SHARE_NOTHING = ("test_readme", "test_benchmark", "test_midrun_faults", "test_run_demo",
+                 "test_diagnosis")
+
+# The longest units (about 170 s down to 25 s here) start first: pytest-xdist hands them out in
+# this order, so that none of them is left running alone at the end while the other processes
+# idle.
+SLOWEST_FIRST = ("test_hosts", "test_stacks", "test_readme", "test_benchmark",
+                 "test_midrun_faults", "test_run_demo", "test_diagnosis", "test_web",
+                 "test_faults", "test_bad_input", "test_tasks", "test_config", "test_clients",
+                 "test_flower", "test_embedded_pidbox", "test_compose")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, with a unit per test in the SHARE_NOTHING modules."""
+    if config.getvalue("dist") != "loadscope":
+        return None  # pytest-xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return nodeid if module in SHARE_NOTHING else super()._split_scope(nodeid)
+    return Scheduling(config, log)
+
+
+# `make test`'s second phase runs the `cluster` tests beside the other `serial` ones: they build
+# their own RabbitMQ in network namespaces and never use this machine's. Until
+# tests/test_cluster.py says `cluster` in its pytestmark, it is given here.
+CLUSTER_MODULES = ("test_cluster",)
+# They run in the background of the Makefile's shell, which starts them with Ctrl-C ignored:
+# heard again, Ctrl-C ends them as it ends the others, through their clean-up (`finally`).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first,
+def pytest_collection_modifyitems(items):  # and before -m selects by the markers
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: per module
+    for item in items:
+        if item.module.__name__ in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test of a SHARE_NOTHING module fails if it shares a fixture made once per module
+    after all: each process that runs one of those tests would make it again."""
+    if item.module.__name__ in SHARE_NOTHING and not item.get_closest_marker("serial"):
+        shared = [name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                  if defs[-1].scope in ("package", "module", "class")]
+        if shared:
+            pytest.fail(f"{item.nodeid} uses {', '.join(shared)}, made once per module: take "
+                        f"{item.module.__name__} out of SHARE_NOTHING in tests/conftest.py",
+                        pytrace=False)
 
 
 @pytest.fixture
