@@ -53,23 +53,18 @@ def pytest_xdist_make_scheduler(config, log):
     return Scheduling(config, log)
 
 
-# `make test`'s second phase runs the `cluster` tests beside the other `serial` ones: they build
-# their own RabbitMQ in network namespaces and never use this machine's. Until
-# tests/test_cluster.py says `cluster` in its pytestmark, it is given here.
-CLUSTER_MODULES = ("test_cluster",)
+# `make test`'s second phase runs the `cluster` tests (tests/test_cluster.py) beside the other
+# `serial` ones: they build their own RabbitMQ in network namespaces and never use this machine's.
 # They run in the background of the Makefile's shell, which starts them with Ctrl-C ignored:
 # heard again, Ctrl-C ends them as it ends the others, through their clean-up (`finally`).
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first,
-def pytest_collection_modifyitems(items):  # and before -m selects by the markers
+@pytest.hookimpl(tryfirst=True)  # before pytest's own reordering and --failed-first
+def pytest_collection_modifyitems(items):
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: per module
-    for item in items:
-        if item.module.__name__ in CLUSTER_MODULES:
-            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -29,10 +29,11 @@ from stack import hosts as hostlib
 from stack.brokerhost import client, rabbitmq_conf
 
 CHAPTER = ROOT / "docs" / "cluster.md"
-# The first test also waits for the cluster to be built. `serial`: `make test` runs this module
-# alone, after the others: three RabbitMQ nodes and the measured fault-to-consume times need the
-# whole machine (on 2 cores beside the parallel phase, heartbeats and net_ticktime run late).
-pytestmark = [pytest.mark.serial, pytest.mark.timeout(600)]
+# The first test also waits for the cluster to be built. `serial` and `cluster`: `make test` runs
+# this module after the parallel phase, beside only the three machine-wide serial tests (light,
+# on the loopback RabbitMQ): three RabbitMQ nodes and the measured fault-to-consume times need
+# the cores (on 2 cores beside the parallel phase, heartbeats and net_ticktime run late).
+pytestmark = [pytest.mark.serial, pytest.mark.cluster, pytest.mark.timeout(600)]
 TASKS = 300                 # late-ack tasks per fault
 SEND_LIMIT = 15.0           # no send may block longer (seconds): it fails over, or fails in one
 #                             line (stack/celery_gaps.py: sends_within_deadline)
