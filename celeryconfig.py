@@ -296,8 +296,8 @@ def summary():
         value = globals()[name]
         if callable(value) or type(value).__name__ == "module":
             continue
-        if name in ("broker_url", "result_backend"):
-            value = maybe_sanitize_url(value)
+        if name in ("broker_url", "result_backend"):  # each URL of a ";" list (failover)
+            value = ";".join(maybe_sanitize_url(url) for url in value.split(";"))
         lines.append(f"{name} = {value!r}")
     return lines
 
@@ -307,7 +307,7 @@ def effective_pair():
     (stack/capabilities.py: one of the extras)."""
     from stack import capabilities
     offers = capabilities.offers_for(broker_url, result_backend, queue_type=QUEUE_TYPE)
-    from kombu.utils.url import maybe_sanitize_url as masked
+    from stack.services import mask as masked  # each URL of a ";" list
     lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "
              f"result backend: {offers.backend.kind} ({masked(result_backend)})"]
     lines += [f"#   cannot: {feature}: {why}" for feature, why in offers.missing()]
