@@ -304,9 +304,15 @@ worker_max_tasks_per_child = 1000  # recycles a child process to contain memory 
 worker_cancel_long_running_tasks_on_connection_loss = True  # late-ack tasks are redelivered anyway
 
 
+def masked(url):
+    """``url`` with every password replaced: each URL of a ";" list (a failover list, the
+    sentinels), where kombu's maybe_sanitize_url masks only the first."""
+    from kombu.utils.url import maybe_sanitize_url
+    return ";".join(maybe_sanitize_url(part) for part in url.split(";"))
+
+
 def summary():
     """The effective settings as printable lines, with passwords masked."""
-    from kombu.utils.url import maybe_sanitize_url
     names = sorted(k for k in globals()
                    if k[0].islower() and k not in ("summary", "effective_pair"))
     lines = []
@@ -314,8 +320,8 @@ def summary():
         value = globals()[name]
         if callable(value) or type(value).__name__ == "module":
             continue
-        if name in ("broker_url", "result_backend"):  # each URL of a ";" list (failover)
-            value = ";".join(maybe_sanitize_url(url) for url in value.split(";"))
+        if name in ("broker_url", "result_backend"):
+            value = masked(value)
         lines.append(f"{name} = {value!r}")
     return lines
 
@@ -325,7 +331,6 @@ def effective_pair():
     (stack/capabilities.py: one of the extras)."""
     from stack import capabilities
     offers = capabilities.offers_for(broker_url, result_backend, queue_type=QUEUE_TYPE)
-    from stack.services import mask as masked  # each URL of a ";" list
     lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "
              f"result backend: {offers.backend.kind} ({masked(result_backend)})"]
     lines += [f"#   cannot: {feature}: {why}" for feature, why in offers.missing()]

@@ -413,3 +413,17 @@ def set_up_by_the_chapter(system, blocks, ping_timeout):
     except stack.StackFailed:
         print(system.logs())
         raise
+
+
+def run_the_later_steps(system):
+    """Run the chapter's later `run` blocks (``system.later_steps``) on their hosts, each of
+    which must succeed (its FAIL lines shown if not); returns {block: what it printed}, the
+    set-up blocks' output (``system.said``) included."""
+    said = dict(system.said)
+    for host, body in system.later_steps:
+        done = system.shell(host, body)
+        failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+        assert done.returncode == 0, f"on {host}: {body}\n" + (
+            "\n".join(failed) or done.stdout + done.stderr)
+        said[body] = done.stdout
+    return said

@@ -23,7 +23,7 @@ import pytest
 
 import stack
 from helpers import (ROOT, VENV, chapter_blocks, client_app, need_namespaces,
-                     set_up_by_the_chapter)
+                     run_the_later_steps, set_up_by_the_chapter)
 from stack import cluster as clusterlib
 from stack import hosts as hostlib
 from stack.brokerhost import client, rabbitmq_conf
@@ -137,13 +137,7 @@ def cluster(tmp_path_factory):
 # --- The chapter, command by command ------------------------------------------------------------
 def test_the_chapters_commands_build_a_cluster_of_quorum_queues_and_run_the_catalogue(
         cluster, logs_on_failure):
-    said = dict(cluster.said)
-    for host, body in cluster.later_steps:
-        done = cluster.shell(host, body)
-        failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
-        assert done.returncode == 0, f"on {host}: {body}\n" + (
-            "\n".join(failed) or done.stdout + done.stderr)
-        said[body] = done.stdout
+    said = run_the_later_steps(cluster)  # with the set-up blocks' output
     status = next(text for body, text in said.items() if "cluster_status" in body)
     running = status.split("Running Nodes")[1].split("Versions")[0]
     assert all(f"rabbit@{host}" in running for host in clusterlib.NODE_HOSTS), status

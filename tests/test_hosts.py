@@ -22,8 +22,8 @@ import pytest
 import celeryconfig
 import demos
 import stack
-from helpers import (ROOT, VENV, chapter_blocks, need_namespaces, set_up_by_the_chapter,
-                     structure)
+from helpers import (ROOT, VENV, chapter_blocks, need_namespaces, run_the_later_steps,
+                     set_up_by_the_chapter, structure)
 from stack import hosts as hostlib
 from stack.brokerhost import (HOST_NAMES, client, client_env, rabbitmq_conf, redis_conf,
                               start_broker_host)
@@ -99,13 +99,7 @@ def cluster(tmp_path_factory):
 def test_the_chapters_commands_run_the_catalogue_across_hosts(cluster, logs_on_failure):
     """Every demo passes with the client, each queue's worker and the broker on different
     hosts: the chapter's `run` blocks after the set-up, client_fixed.py among them."""
-    said = dict(cluster.said)  # the broker host's blocks, run by the fixture before the workers
-    for host, body in cluster.later_steps:
-        done = cluster.shell(host, body)
-        failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
-        assert done.returncode == 0, f"on {host}: {body}\n" + (
-            "\n".join(failed) or done.stdout + done.stderr)
-        said[body] = done.stdout
+    said = run_the_later_steps(cluster)  # with the set-up blocks' output
     out = "".join(said.values())
     for node in cluster.nodes:  # Flower and `inspect ping` see every host's worker
         assert f"'{node}'" in out and f"{node}: OK" in out, out
