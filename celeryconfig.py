@@ -286,6 +286,13 @@ result_backend_max_retries = 1
 if result_backend.startswith("sentinel://"):
     result_backend_transport_options["master_name"] = os.environ.get(
         "CELERY_RESULT_SENTINEL_MASTER", "mymaster")
+    # [both] Celery gives the connections to the sentinels themselves no options (redis-py
+    # copies the socket timeouts to them only when sentinel_kwargs is absent): a frozen
+    # sentinel blocked a client for ever, and each one that refused took 4 s of redis-py's
+    # retries (retry None: one try; Celery's retries above come on top).
+    result_backend_transport_options["sentinel_kwargs"] = {
+        "socket_connect_timeout": redis_socket_connect_timeout,
+        "socket_timeout": redis_socket_timeout, "retry": None}
     result_backend_max_retries = 12
     result_backend_base_sleep_between_retries_ms = 100
     result_backend_max_sleep_between_retries_ms = 2000

@@ -14,6 +14,7 @@ demos.py), and client_fixed.py, complete_demo.py, run_demo.py and the tests all 
 ``decide``. What a component does not list under ``lacks`` it offers. The facts come from
 running each combination for real (docs/configuration.md, tests/test_stacks.py).
 """
+import os
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
@@ -50,9 +51,10 @@ class Component:
     install: str = ""              # ... and the pip command that installs it
     system: str = ""               # the system a failure message names: "RabbitMQ", "Redis" ...
     probe: str = ""                # how stack.services checks it answers: "kombu" (connect),
-    #                                "redis" (PING), "sql" (SELECT 1), "folder", "" (nothing)
+    #                                "redis" (PING), "sentinel" (ask for the primary, PING it),
+    #                                "sql" (SELECT 1), "folder", "" (nothing)
     check: str = ""                # how the user checks it; {url} {host} {port} {folder}
-    #                                {endpoint} are filled in by how_to_check()
+    #                                {endpoint} {master} are filled in by how_to_check()
 
     def offers(self, feature):
         return feature not in self.lacks
@@ -61,27 +63,41 @@ class Component:
         """(urgent, routine) priorities for this broker's direction."""
         return (0, 9) if self.priority == LOWER_FIRST else (9, 1)
 
-    def how_to_check(self, url, folder=None):
+    def how_to_check(self, url, folder=None, master=None):
         """The check a failure message tells the user to run, for this component at ``url``
-        (masked); ``folder``: the filesystem transport's folder, from its transport options."""
+        (masked; of a ";" list, the first URL); ``folder``: the filesystem transport's folder,
+        from its transport options; ``master``: the name Redis Sentinel monitors
+        (sentinel_master())."""
         from kombu.utils.url import maybe_sanitize_url
-        parsed = urlparse(str(url or ""))
+        url = str(url or "").split(";")[0]
+        parsed = urlparse(url)
         try:
             host, port = parsed.hostname or "localhost", parsed.port
         except ValueError:  # a port that is not a number: the URL itself is the problem
             host, port = parsed.hostname or "localhost", None
         endpoint = f"http://{host}:{port}" if parsed.hostname and port else ""
         folder = folder or (parsed.path if self.probe == "folder" else "")
-        return self.check.format(url=maybe_sanitize_url(str(url)), host=host,
+        return self.check.format(url=maybe_sanitize_url(url), host=host,
                                  port=port or DEFAULT_PORTS.get(self.kind, ""), folder=folder,
-                                 endpoint=f" --endpoint-url {endpoint}" if endpoint else "")
+                                 endpoint=f" --endpoint-url {endpoint}" if endpoint else "",
+                                 master=master or sentinel_master())
+
+
+def sentinel_master(transport_options=None):
+    """The name of the primary that Redis Sentinel monitors: ``master_name`` of an app's
+    result_backend_transport_options, else what celeryconfig.py reads from the environment."""
+    return ((transport_options or {}).get("master_name")
+            or os.environ.get("CELERY_RESULT_SENTINEL_MASTER", "mymaster"))
 
 
 SQS_INSTALL = "pip install 'kombu[sqs]' (boto3 and pycurl)"
-DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379, "rabbitmq": 5672}
+DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379, "rabbitmq": 5672, "sentinel": 26379}
 RABBITMQ_CHECK = "`rabbitmq-diagnostics status`"
 REDIS_CHECK = "`redis-cli -u {url} ping`"
 FOLDER_CHECK = "`ls -ld {folder}` (the folder must exist)"
+# Redis underneath (plain, or the primary that Redis Sentinel names): redis-py's clients, its
+# exceptions and the redis_socket_* timeouts
+REDIS_PROBES = ("redis", "sentinel")
 BROKERS = (
     Component("rabbitmq", "broker", ("amqp", "amqps", "pyamqp"), priority=HIGHER_FIRST,
               drops_expired=True, system="RabbitMQ", probe="kombu", check=RABBITMQ_CHECK),
@@ -106,6 +122,11 @@ BROKERS = (
 BACKENDS = (
     Component("redis", "result backend", ("redis", "rediss"), system="Redis", probe="redis",
               check=REDIS_CHECK),
+    # Redis with a replica and sentinels that promote it (docs/cluster.md, section 10): Redis
+    # underneath, so it offers all Redis does; the sentinels name the primary to use
+    Component("sentinel", "result backend", ("sentinel",), system="Redis Sentinel",
+              probe="sentinel", check="`redis-cli -h {host} -p {port} sentinel "
+                                      "get-master-addr-by-name {master}`"),
     Component("postgresql", "result backend",
               ("db+postgresql", "db+postgresql+psycopg", "db+postgresql+psycopg2"),
               modules=("sqlalchemy",), install="pip install SQLAlchemy 'psycopg[binary]'",

@@ -19,9 +19,8 @@ import urllib.request
 from base64 import b64encode
 from urllib.parse import urlparse
 
-from kombu.utils.url import maybe_sanitize_url
-
-from .capabilities import BACKENDS, BROKERS, component, is_kind
+from .capabilities import BACKENDS, BROKERS, REDIS_PROBES, component, is_kind, sentinel_master
+from .services import error_text, mask
 
 __all__ = ["PublishersBlocked", "on_connection_blocked", "raise_on_alarms", "rabbitmq_alarms",
            "service_fault", "missing_folder", "abandon_connections", "exit_now", "ClientGuard"]
@@ -124,9 +123,10 @@ def _failed_role(exc, app):
         for role, folder in _folders(app):
             if filename.startswith(folder.rstrip("/") + "/") or filename == folder:
                 return role, folder
-    if module.startswith("redis"):  # Redis answers as the result backend, or as the broker
-        return ("result backend" if backend.kind == "redis" or broker.kind != "redis"
-                else "broker"), None
+    if module.startswith("redis"):  # Redis (or its sentinels: redis.sentinel's
+        # MasterNotFoundError) answers as the result backend, or as the broker
+        return ("result backend" if backend.probe in REDIS_PROBES
+                or broker.kind != "redis" else "broker"), None
     if module.startswith(BACKEND_DRIVERS) or isinstance(exc, BackendError) \
             or "result store" in str(exc):
         return "result backend", None
@@ -140,9 +140,8 @@ def service_fault(exc, app):
     """One line naming the failed service, the system behind it and how to check it (from the
     capability table), or None if ``exc`` is no service fault."""
     broker_url, backend_url = app.conf.broker_url, app.conf.result_backend
-    broker = "; ".join(maybe_sanitize_url(url) for url in str(broker_url).split(";"))
-    backend = maybe_sanitize_url(str(backend_url))
-    cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    broker, backend = mask(str(broker_url)), mask(str(backend_url))
+    cause = error_text(exc)
     if isinstance(exc, PublishersBlocked):
         alarms = rabbitmq_alarms(broker_url)
         kind = " and ".join(f"{a} alarm" for a in alarms) if alarms else "memory or disk alarm"
@@ -162,10 +161,12 @@ def service_fault(exc, app):
         if part.kind == "rpc":  # rpc:// results travel through the broker: check that
             role = "broker"
         else:
-            within = (f" within {app.conf.redis_socket_timeout:g} s" if part.kind == "redis"
-                      else "")
+            # one command's bound; celeryconfig gives the sentinels' connections the same
+            within = (f" within {app.conf.redis_socket_timeout:g} s"
+                      if part.probe in REDIS_PROBES else "")
+            master = sentinel_master(app.conf.result_backend_transport_options)
             return (f"the result backend ({part.system}) at {backend} stopped answering{within} "
-                    f"({cause}); check it with {part.how_to_check(backend_url)}")
+                    f"({cause}); check it with {part.how_to_check(backend_url, master=master)}")
     part = component(broker_url, BROKERS)
     folder = next((f for role, f in _folders(app) if role == "broker"), None)
     if part.kind == "rabbitmq" and rabbitmq_alarms(broker_url):

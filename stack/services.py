@@ -1,8 +1,9 @@
 """Find and check brokers and result backends: masked URLs, one clear error when one is down.
 
 Owns: the default URLs, ServiceUnavailable and MissingDriver, check_driver / check_broker (with
-login_refused: the fix for a refused login) / check_backend / check_services / reachable, and
-forget_pending_results (a client's clean exit from a Redis result backend).
+login_refused: the fix for a refused login) / check_backend (with sentinel_primary: the Redis
+that the sentinels name; backend_unreachable: its one line) / check_services / reachable,
+error_text, and forget_pending_results (a client's clean exit from a Redis result backend).
 """
 import re
 import importlib
@@ -155,23 +156,62 @@ def queue_conflict(text):
             f"(docs/troubleshooting.md)")
 
 
-def check_backend(url, timeout=3.0):
+def check_backend(url, timeout=3.0, master=None):
     """Raise ServiceUnavailable unless the result backend's driver is installed and, for
-    Redis and SQL databases, the server answers within ``timeout`` seconds."""
+    Redis, Redis Sentinel and SQL databases, the server answers within ``timeout`` seconds
+    (per connection: Sentinel asks each sentinel in turn). ``master``: the name the sentinels
+    monitor (capabilities.sentinel_master)."""
     check_driver(url, "result backend")
     from . import capabilities
     entry = capabilities.component(url, capabilities.BACKENDS)
     if entry.probe == "sql":
         return check_database(url, timeout)
-    if entry.probe != "redis":  # rpc:// is the broker's; file:// and memory have no server
-        return
+    if entry.probe not in capabilities.REDIS_PROBES:  # rpc:// is the broker's; file://
+        return                                         # and memory have no server
     import redis
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+        if entry.probe == "redis":
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                          socket_timeout=timeout)
+        else:
+            client = sentinel_primary(url, master or capabilities.sentinel_master(), timeout)
+        client.ping()
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"cannot reach the result backend at {mask(url)} ({exc.__class__.__name__}: {exc}); "
-            f"check it with {entry.how_to_check(url)}; {START_HINT}") from None
+        raise ServiceUnavailable(backend_unreachable(url, exc, master)) from None
+
+
+def sentinel_primary(url, master, timeout):
+    """A client of the primary that the sentinels of ``url`` (sentinel:// URLs separated by
+    ";", as Celery takes them) name for ``master``; every connection bounded by ``timeout``."""
+    import redis
+    from kombu.utils.url import url_to_parts
+    from redis.sentinel import Sentinel
+    urls = [url_to_parts(part) for part in str(url).split(";")]
+    # one try per connection (retry None): redis-py's default retries took 4 s for each
+    # sentinel that refused
+    limits = {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": None}
+    host, port = Sentinel([(u.hostname or "localhost", u.port or 26379) for u in urls],
+                          sentinel_kwargs=limits).discover_master(master)
+    first = urls[0]  # its password and database are the Redis servers', as Celery reads them
+    return redis.Redis(host, port, username=first.username, password=first.password,
+                       db=int(first.path or 0), **limits)
+
+
+def backend_unreachable(url, exc, master=None):
+    """The one line for a result backend that does not answer a start-up check: the masked
+    URL(s), the system, the user's check, and where to get one."""
+    from . import capabilities
+    entry = capabilities.component(url, capabilities.BACKENDS)
+    hint = START_HINT if entry.probe == "redis" else "docs/cluster.md, section 10 sets one up"
+    return (f"cannot reach the result backend at {mask(url)} ({error_text(exc)}); check "
+            f"{entry.system} with {entry.how_to_check(url, master=master)}; {hint}")
+
+
+def error_text(exc):
+    """"Type: message" of ``exc``, for a one-line message. redis-py's MasterNotFoundError
+    appends the repr of the client of each sentinel it asked (over 1,000 characters each)."""
+    text = str(exc).split(" : <redis.")[0]
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def check_database(url, timeout=3.0):

@@ -5,14 +5,13 @@ there), and a worker imports those modules as it starts, before it sends ``worke
 copy of tasks.py and celeryconfig.py without stack/ starts its workers without these checks.
 """
 from celery.signals import beat_init, worker_init
-from kombu.utils.url import maybe_sanitize_url
 
-from .capabilities import backend_kind
+from .capabilities import BACKENDS, REDIS_PROBES, component, sentinel_master
 from .celery_gaps import (bound_event_retries, declare_queues_before_delay_binding,
                           delayed_delivery_on_current_node, install_client_workarounds,
                           track_only_live_children)
 from .deadlines import raise_on_alarms
-from .services import MissingDriver, check_driver
+from .services import MissingDriver, backend_unreachable, check_driver
 
 __all__ = ["refuse_to_start_without_result_backend", "work_around_celery_gaps",
            "send_like_the_demos_clients", "publish_fails_at_once_on_alarms"]
@@ -21,20 +20,21 @@ __all__ = ["refuse_to_start_without_result_backend", "work_around_celery_gaps",
 @worker_init.connect
 def refuse_to_start_without_result_backend(sender, **kwargs):
     """Stop a worker whose broker or result backend has no driver installed (one line naming
-    the package, not a traceback), or whose Redis result backend is down: it would run tasks
-    and lose every result."""
+    the package, not a traceback), or whose Redis (or Redis Sentinel) result backend is down:
+    it would run tasks and lose every result."""
     url = str(sender.app.conf.result_backend or "")
     try:
         check_driver(str(sender.app.conf.broker_url), "broker")
         check_driver(url, "result backend")
     except MissingDriver as exc:
         raise SystemExit(f"cannot start: {exc}")
-    if backend_kind(url) != "redis":
+    if component(url, BACKENDS).probe not in REDIS_PROBES:
         return
-    try:
+    try:  # the app's own client: its settings (TLS, the sentinels' master_name) apply
         sender.app.backend.client.ping()
     except Exception as exc:  # SystemExit: Celery logs and ignores other errors in signal handlers
-        raise SystemExit(f"cannot reach the result backend at {maybe_sanitize_url(url)}: {exc}")
+        master = sentinel_master(sender.app.conf.result_backend_transport_options)
+        raise SystemExit(f"cannot start: {backend_unreachable(url, exc, master)}")
 
 
 @worker_init.connect

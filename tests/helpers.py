@@ -269,6 +269,31 @@ def print_logs_if_failed(request, failed_before, procs, lines=40):
             print(f"--- end of {name}.log ---\n{stack.tail(path, lines)}")
 
 
+# --- A service failing under a client (tests/test_diagnosis.py, tests/test_sentinel.py) ----
+BLOCKED_AT_MOST = 60  # seconds a call may take to fail on a frozen service (its timeouts: < 20)
+# What a client is promised (a demo's deadline is 10-20 s), with slack for a loaded machine
+CLIENT_DEADLINE = 30
+
+
+def fault_of(app, call, within=BLOCKED_AT_MOST):
+    """The line the diagnosis makes of what ``call()`` raises; it must raise within ``within``
+    seconds (a daemon thread: a call that hangs fails the test, it does not hang it)."""
+    raised = []
+
+    def target():
+        try:
+            call()
+            raised.append(None)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the diagnosis judges it
+            raised.append(exc)
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert raised, f"still blocked {within}s after the service froze: nothing bounds the wait"
+    assert raised[0] is not None, "the call succeeded although its service was gone"
+    return stack.service_fault(raised[0], app) or f"not a service fault: {raised[0]!r}"
+
+
 # --- For tests that are about RabbitMQ itself ------------------------------------------------
 def require_rabbit(why="needs RabbitMQ + Redis"):
     """Skip (fail on CI) unless this machine has a usable RabbitMQ + Redis."""

@@ -40,6 +40,11 @@ def test_python_m_celeryconfig_names_the_effective_pair_and_what_it_cannot_do():
                                               "CELERY_RESULT_BACKEND": "redis://localhost:6379/0"})
     assert "cannot" not in plain.stdout  # Redis + Redis runs every demo
     assert "'priority_steps': [0, 3, 6, 9]" in plain.stdout
+    sentinels = python("-m", "celeryconfig", env={  # Redis underneath: it lacks nothing
+        "CELERY_RESULT_BACKEND": "sentinel://:s3cret@h1:26379/0;sentinel://:s3cret@h2:26379/0"})
+    assert sentinels.stdout.splitlines()[0].endswith(
+        "result backend: sentinel (sentinel://:**@h1:26379/0;sentinel://:**@h2:26379/0)")
+    assert "cannot" not in sentinels.stdout and "s3cret" not in sentinels.stdout
 
 
 def test_defaults_point_at_local_rabbitmq_and_redis():

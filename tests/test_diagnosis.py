@@ -8,38 +8,16 @@ or loses the folder the embedded stack lives in. The exception the client gets i
 the line a user reads by the one diagnosis (``stack.service_fault``), which asks the capability
 table which system failed and how to check it: `rabbitmq-diagnostics status`, `redis-cli -u URL
 ping`, `pg_isready -h HOST -p PORT`, `aws sqs list-queues`, or the folder that is missing.
+(Redis Sentinel's, `redis-cli ... sentinel get-master-addr-by-name`: tests/test_sentinel.py,
+which starts the servers it needs.)
 """
 import shutil
-import threading
 import uuid
 
 import pytest
 
 import stack
-from helpers import client_app, require_postgres, require_rabbit
-
-BLOCKED_AT_MOST = 60  # seconds a call may take to fail on a frozen service (its timeouts: < 20)
-# What a client is promised (a demo's deadline is 10-20 s), with slack for a loaded machine
-CLIENT_DEADLINE = 30
-
-
-def fault_of(app, call, within=BLOCKED_AT_MOST):
-    """The line the diagnosis makes of what ``call()`` raises; it must raise within ``within``
-    seconds (a daemon thread: a call that hangs fails the test, it does not hang it)."""
-    raised = []
-
-    def target():
-        try:
-            call()
-            raised.append(None)
-        except Exception as exc:  # noqa: BLE001 - whatever it is, the diagnosis judges it
-            raised.append(exc)
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(within)
-    assert raised, f"still blocked {within}s after the service froze: nothing bounds the wait"
-    assert raised[0] is not None, "the call succeeded although its service was gone"
-    return stack.service_fault(raised[0], app) or f"not a service fault: {raised[0]!r}"
+from helpers import CLIENT_DEADLINE, client_app, fault_of, require_postgres, require_rabbit
 
 
 def send(app):
