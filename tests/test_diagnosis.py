@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 import stack
-from helpers import client_app, require_postgres, require_rabbit
+from helpers import client_app, require_postgres, require_rabbit, require_redis
 
 BLOCKED_AT_MOST = 60  # seconds a call may take to fail on a frozen service (its timeouts: < 20)
 # What a client is promised (a demo's deadline is 10-20 s), with slack for a loaded machine
@@ -79,7 +79,7 @@ def test_a_frozen_rabbitmq_broker_is_named_with_rabbitmq_diagnostics(rabbit_env,
 
 
 def test_a_frozen_redis_broker_is_named_with_redis_cli(frozen, tmp_path):
-    require_rabbit("needs Redis")
+    require_redis()
     proxy = frozen(6379)
     broker = proxy.rewrite(stack.BROKER_URLS["redis"])
     with stack.throwaway_redis_prefix(stack.BROKER_URLS["redis"]) as prefix:
