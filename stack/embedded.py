@@ -133,6 +133,12 @@ class FilesystemTransport(filesystem.Transport):
     """
     Channel = _WholeMessageChannel
 
+    @property
+    def default_connection_params(self):
+        # No server, so no host name: kombu's default ('localhost') only made every worker,
+        # beat and Flower log "No hostname was supplied. Reverting to default 'localhost'".
+        return {"port": self.default_port}
+
 
 # --- In-process workers and beat: complete_demo.py and the tests ----------------------------
 class AtomicFileBackend(FilesystemBackend):

@@ -302,6 +302,15 @@ def require_rabbit(why="needs RabbitMQ + Redis"):
         skip(f"{why}: {problem}")
 
 
+def require_redis(why="needs Redis"):
+    """Skip (fail on CI) unless Redis answers at the local default URL: for the tests about
+    Redis alone, which a machine with Redis but no RabbitMQ can run."""
+    try:
+        stack.check_backend(stack.BROKER_URLS["redis"], timeout=2)
+    except stack.ServiceUnavailable as exc:
+        skip(f"{why}: {exc}")
+
+
 def require_postgres():
     """Skip without PostgreSQL on 127.0.0.1:5432 (user postgres), as require_rabbit() does
     for RabbitMQ; on CI (CI=true) fail instead: CI must prove the PostgreSQL results."""

@@ -17,7 +17,8 @@ import uuid
 import pytest
 
 import stack
-from helpers import CLIENT_DEADLINE, client_app, fault_of, require_postgres, require_rabbit
+from helpers import (CLIENT_DEADLINE, client_app, fault_of, require_postgres, require_rabbit,
+                     require_redis)
 
 
 def send(app):
@@ -57,7 +58,7 @@ def test_a_frozen_rabbitmq_broker_is_named_with_rabbitmq_diagnostics(rabbit_env,
 
 
 def test_a_frozen_redis_broker_is_named_with_redis_cli(frozen, tmp_path):
-    require_rabbit("needs Redis")
+    require_redis()
     proxy = frozen(6379)
     broker = proxy.rewrite(stack.BROKER_URLS["redis"])
     with stack.throwaway_redis_prefix(stack.BROKER_URLS["redis"]) as prefix:

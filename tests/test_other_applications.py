@@ -15,7 +15,8 @@ from contextlib import ExitStack
 import pytest
 
 import stack
-from helpers import ROOT, VENV, client_app, require_rabbit, run, skip, throwaway_stack
+from helpers import (ROOT, VENV, client_app, require_rabbit, require_redis, run, skip,
+                     throwaway_stack)
 
 MARKER = re.compile(r"<!-- other-apps: (\w+) -->\n```bash\n(.*?)```", re.S)
 
@@ -31,8 +32,10 @@ def documented(kind):
 def workers(request, tmp_path_factory):
     """The README's workers for `celery` and `slow_queue`, on the broker a test names
     (indirect parametrization): RabbitMQ, Redis, or the embedded stack."""
-    if request.param != "embedded":
+    if request.param == "rabbitmq":
         require_rabbit("RabbitMQ and Redis, the brokers a client of another kind must meet")
+    elif request.param == "redis":
+        require_redis("Redis, a broker a client of another kind must meet")
     with ExitStack() as exits:
         if request.param == "embedded":  # its folders: CELERY_FS_ROOT, absolute
             env = stack.resolve("embedded", run_dir=tmp_path_factory.mktemp("embedded"))
