@@ -136,6 +136,19 @@ def _failed_role(exc, app):
     return None, None
 
 
+def _within(exc, timeout):
+    """" within N s" for "stopped answering": the deadline that gave up (``exc.seconds``: a
+    send's deadline in stack/celery_gaps.py, a request's in web.py), else the read ``timeout``
+    that fired; "" when the service refused the connection, which waits for nothing."""
+    seen, hops = exc, 0
+    while seen is not None and hops < 10:  # kombu and Celery wrap the socket's error
+        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
+            return ""
+        seen, hops = seen.__cause__ or seen.__context__, hops + 1
+    waited = getattr(exc, "seconds", None) or timeout
+    return f" within {waited:g} s" if waited else ""
+
+
 def service_fault(exc, app):
     """One line naming the failed service, the system behind it and how to check it (from the
     capability table), or None if ``exc`` is no service fault."""
@@ -162,8 +175,8 @@ def service_fault(exc, app):
             role = "broker"
         else:
             # one command's bound; celeryconfig gives the sentinels' connections the same
-            within = (f" within {app.conf.redis_socket_timeout:g} s"
-                      if part.probe in REDIS_PROBES else "")
+            within = _within(exc, app.conf.redis_socket_timeout
+                             if part.probe in REDIS_PROBES else None)
             master = sentinel_master(app.conf.result_backend_transport_options)
             return (f"the result backend ({part.system}) at {backend} stopped answering{within} "
                     f"({cause}); check it with {part.how_to_check(backend_url, master=master)}")
@@ -172,10 +185,7 @@ def service_fault(exc, app):
     if part.kind == "rabbitmq" and rabbitmq_alarms(broker_url):
         # a publish that timed out because of an alarm we were not told about
         return service_fault(PublishersBlocked(), app)
-    # a send that gave up at its deadline (stack/celery_gaps.py) waited that long, not one read
-    timeout = getattr(exc, "seconds", None) or (app.conf.broker_transport_options or {}).get(
-        "read_timeout")
-    within = f" within {timeout:g} s" if timeout else ""
+    within = _within(exc, (app.conf.broker_transport_options or {}).get("read_timeout"))
     results = (" (the rpc:// results travel through it)"
                if component(backend_url, BACKENDS).kind == "rpc" else "")
     return (f"the broker at {broker}{results} stopped answering{within} ({cause}); check "

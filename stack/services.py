@@ -209,8 +209,9 @@ def backend_unreachable(url, exc, master=None):
 
 def error_text(exc):
     """"Type: message" of ``exc``, for a one-line message. redis-py's MasterNotFoundError
-    appends the repr of the client of each sentinel it asked (over 1,000 characters each)."""
-    text = str(exc).split(" : <redis.")[0]
+    appends the repr of the client of each sentinel it asked (over 1,000 characters each);
+    Celery's "Retry limit exceeded ..." spans lines."""
+    text = " ".join(str(exc).split(" : <redis.")[0].split())
     return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
