@@ -10,6 +10,9 @@ The page (static/index.html) uses a JSON API that any other program may call too
     DELETE /api/tasks/ID                     -> 202: revoked with terminate; the state becomes REVOKED
                                                 (409 if it had already ended; 501 on SQS)
 
+On rpc:// results it shows progress too, but only of the tasks this web.py process started
+(a GET to another process, or after a restart, is a 404 saying why).
+
 Bad input is a 400 with a message saying what is wrong. A broker or result backend that does not
 answer is a 503 naming it within DEADLINE (8 s), never a hang. Flask, because it is small, well
 kept, and already installed here (moto's server needs it); the page polls the API every half
@@ -42,9 +45,12 @@ OFFERS = stack.offers_of(tasks.app)
 # tasks: with Flask serving each request on a thread of its own, the GETs saw PENDING for ever.
 # So on rpc:// every Celery call (send, read, revoke) runs on one thread; other backends store
 # results where any thread reads them.
-calls = ThreadPoolExecutor(max_workers=1 if OFFERS.backend.kind == "rpc" else 16,
-                           thread_name_prefix="celery-call")
-NEEDS = {"progress": ("shared_results", "result_polling"), "cancel": ("remote_control",)}
+RPC = OFFERS.backend.kind == "rpc"
+calls = ThreadPoolExecutor(max_workers=1 if RPC else 16, thread_name_prefix="celery-call")
+STARTED = set()  # on rpc:// the ids this process sent: no other task's states reach it
+# What the page cannot do without them, as main() says at start. On rpc:// the page still shows
+# progress (web.py is the caller, on one thread), but only of the tasks this process started.
+NEEDS = {"cancel": ("remote_control",), "tasks started by another process": ("shared_results",)}
 
 
 class BadRequest(ValueError):
@@ -98,6 +104,8 @@ def start_slow_task():
         raise BadRequest(f"duration must be a whole number of seconds from 1 to {MAX_DURATION}, "
                          f"not {body['duration']!r}")
     result = within_deadline("broker", tasks.slow_task.delay, duration)
+    if RPC:
+        STARTED.add(result.id)
     return jsonify(id=result.id), 202
 
 
@@ -116,6 +124,9 @@ def task_meta(task_id):
 
 @web.get("/api/tasks/<task_id>")
 def task_status(task_id):
+    if RPC and checked(task_id) not in STARTED:  # it would read PENDING for ever
+        return jsonify(error=f"task {task_id} was not started by this web.py: "
+                             f"{stack.decide(('shared_results',), OFFERS)}"), 404
     meta = within_deadline("result backend", task_meta, checked(task_id))
     state, info = meta["status"], meta["result"]  # one read: state and info of one moment
     current, total, value = (0 if state in ("PENDING", "STARTED") else None), None, None

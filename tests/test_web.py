@@ -21,7 +21,7 @@ import requests
 
 import stack
 from helpers import ROOT, client_app, environment, print_logs_if_failed, skip
-from helpers import alive_in_groups, start
+from helpers import alive_in_groups, start, throwaway_stack
 
 
 # web.py answers every request within this many seconds (read, not imported: a script)
@@ -80,11 +80,13 @@ def web(module_env, tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
-def web_rpc(module_env, tmp_path_factory, request):
-    """The same on rpc:// results (RabbitMQ only: they travel through the broker)."""
-    module_env.only_rabbit("rpc:// results travel through RabbitMQ")
-    env = {**module_env, "CELERY_RESULT_BACKEND": "rpc://"}
-    yield from web_with_workers(env, tmp_path_factory.mktemp("web-rpc"), request)
+def web_rpc(tmp_path_factory, request):
+    """The same on rpc:// results (RabbitMQ only: they travel through the broker), on a vhost
+    of its own: `web`'s workers, storing in Redis, must not take these tasks."""
+    with throwaway_stack(tmp_path_factory.mktemp("stack-rpc")) as env:
+        env.only_rabbit("rpc:// results travel through RabbitMQ")
+        yield from web_with_workers({**env, "CELERY_RESULT_BACKEND": "rpc://"},
+                                    tmp_path_factory.mktemp("web-rpc"), request)
 
 
 def test_post_starts_slow_task_and_get_shows_progress_then_the_result(web):
@@ -97,6 +99,13 @@ def test_post_starts_slow_task_and_get_shows_progress_then_the_result(web):
     assert done["id"] == task_id and done["current"] == done["total"] == 3
     assert done["result"]["steps"] == 3
     assert set(done) == {"id", "state", "current", "total", "result"}
+
+
+def test_on_rpc_results_a_task_this_process_did_not_start_is_a_404_saying_why(web_rpc):
+    answer = web_rpc.call("GET", f"/api/tasks/{uuid.uuid4()}")
+    assert answer.status_code == 404, answer.text
+    assert "was not started by this web.py: rpc:// sends each result only to the caller" \
+        in answer.json()["error"]
 
 
 @pytest.mark.parametrize("results", ["web", "web_rpc"], ids=["own-results", "rpc-results"])
@@ -316,7 +325,7 @@ def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_pat
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if "the stack keeps running" in line:
+            if "keep running;" in " ".join("".join(lines[-2:]).split()):  # rich wraps
                 up.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -324,6 +333,9 @@ def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_pat
         assert up.wait(120), "".join(lines)[-3000:]
         url = re.search(r"web page \(web\.py\): (http://127\.0\.0\.1:\d+/)", "".join(lines))
         assert url, "".join(lines)[-3000:]
+        # named again in the last line, which the demos' table does not scroll away
+        said = " ".join("".join(lines).split())  # as one line, however rich wrapped it
+        assert f"the stack and the web page {url.group(1)} keep running; press Ctrl-C" in said
         assert "slow_task" in requests.get(url.group(1), timeout=10).text
         task = requests.post(url.group(1) + "api/slow_task", json={"duration": 2},
                              timeout=15).json()["id"]
