@@ -146,7 +146,9 @@ def run(args, run_dir, started):
         started["code"] = code  # Ctrl-C is then how the user ends a good run
         exports = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("CELERY_")
                            and user_env.get(k) != v)  # what this run chose, not yours
-        say("the stack keeps running; press Ctrl-C to stop it. From another terminal: "
+        # the web page's URL again: the demos' table has scrolled its first mention away
+        say(f"the stack {f'and the web page {url} keep' if args.web else 'keeps'} running; "
+            "press Ctrl-C to stop it. From another terminal: "
             f"{'export ' + exports + '; ' if exports else ''}python client.py")
         while True:
             time.sleep(1)

@@ -13,6 +13,7 @@ import shutil
 from contextlib import ExitStack
 
 import pytest
+from kombu import Exchange, Queue
 
 import stack
 from helpers import (ROOT, VENV, client_app, require_rabbit, require_redis, run, skip,
@@ -68,16 +69,48 @@ def test_a_default_celery_app_in_another_folder_gets_5(workers, tmp_path):
         assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
 
 
-@pytest.mark.parametrize("workers", ["rabbitmq", "redis"], indirect=True)
-def test_celery_node_from_npm_gets_5(workers, tmp_path):
-    """`npm ci` installs the pinned celery-node; its script sends tasks.add by name."""
+@pytest.fixture(scope="module")
+def node_example(tmp_path_factory):
+    """A copy of examples/node (without node_modules) in a folder of its own: the parent of
+    its `examples` folder."""
     if not (shutil.which("node") and shutil.which("npm")):
         skip("Node.js and npm are not installed (apt-get install nodejs npm)")
-    (tmp_path / "examples").mkdir()
-    shutil.copytree(ROOT / "examples" / "node", tmp_path / "examples" / "node",
+    folder = tmp_path_factory.mktemp("node")
+    shutil.copytree(ROOT / "examples" / "node", folder / "examples" / "node",
                     ignore=shutil.ignore_patterns("node_modules"))
+    return folder
+
+
+@pytest.mark.parametrize("workers", ["rabbitmq", "redis"], indirect=True)
+def test_celery_node_from_npm_gets_5(workers, node_example):
+    """`npm ci` installs the pinned celery-node; its script sends tasks.add by name."""
     for command in documented("node"):
-        done = run(["bash", "-c", command], env=workers, cwd=tmp_path, timeout=180)
+        done = run(["bash", "-c", command], env=workers, cwd=node_example, timeout=180)
         assert done.returncode == 0, done.output[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "5", done.output[-2000:]
+
+
+def test_celery_node_refused_a_queue_says_so_in_one_line(node_example, tmp_path):
+    """`celery` declared with x-max-priority (as an older version of the demo left it): one
+    line naming PRECONDITION_FAILED and the troubleshooting page, exit 1, no stack trace
+    (before: Node's "Unhandled 'error' event")."""
+    require_rabbit("PRECONDITION_FAILED is RabbitMQ's")
+    with throwaway_stack(tmp_path / "stack") as env:
+        app = client_app(env)
+        try:
+            with app.connection_for_write() as conn:
+                Queue("celery", Exchange("celery", "direct"), routing_key="celery",
+                      queue_arguments={"x-max-priority": 10})(conn.default_channel).declare()
+        finally:
+            app.close()
+        install = run(["npm", "ci"], cwd=node_example / "examples" / "node", timeout=180)
+        assert install.returncode == 0, install.output[-2000:]
+        done = run(["node", "add.js", "2", "3"], env=env, cwd=node_example / "examples" / "node",
+                   timeout=30)
+    assert done.returncode == 1, done.output[-2000:]
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.output
+    assert done.stderr.startswith("tasks.add failed: Channel closed by server: 406 "
+                                  "(PRECONDITION-FAILED)"), done.stderr
+    assert "inequivalent arg 'x-max-priority' for queue 'celery'" in done.stderr
+    assert done.stderr.rstrip().endswith("(see docs/troubleshooting.md)"), done.stderr
 

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import pytest
@@ -20,7 +21,7 @@ import requests
 
 import stack
 from helpers import ROOT, client_app, environment, print_logs_if_failed, skip
-from helpers import alive_in_groups, start
+from helpers import alive_in_groups, start, throwaway_stack
 
 
 # web.py answers every request within this many seconds (read, not imported: a script)
@@ -51,24 +52,41 @@ class Web:
         def reached():
             seen.append(self.call("GET", f"/api/tasks/{task_id}").json())
             return seen[-1]["state"] in wanted
-        stack.eventually(reached, f"task {task_id} in {wanted} (seen {seen[-3:]})", timeout,
-                         interval=0.2)
+        try:
+            stack.eventually(reached, f"task {task_id} in {wanted}", timeout, interval=0.2)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} (the last answers: {seen[-3:]})") from None
         return seen
 
 
-@pytest.fixture(scope="module")
-def web(module_env, tmp_path_factory, request):
-    processes = stack.Processes(tmp_path_factory.mktemp("web"), env=module_env)
-    app = client_app(module_env)
+def web_with_workers(env, run_dir, request):
+    """Workers for `celery` and `slow_queue`, and web.py, on ``env``'s stack."""
+    processes = stack.Processes(run_dir, env=env)
+    app = client_app(env)
     failed_before = request.session.testsfailed
     try:
         nodes = stack.start_stack(processes, queues=("celery", "slow_queue"), beat=False)
         stack.wait_for_workers(app, nodes, 60, processes)
-        yield Web(processes, module_env)
+        yield Web(processes, env)
     finally:
         print_logs_if_failed(request, failed_before, processes)
         processes.stop_all()
         app.close()
+
+
+@pytest.fixture(scope="module")
+def web(module_env, tmp_path_factory, request):
+    yield from web_with_workers(module_env, tmp_path_factory.mktemp("web"), request)
+
+
+@pytest.fixture(scope="module")
+def web_rpc(tmp_path_factory, request):
+    """The same on rpc:// results (RabbitMQ only: they travel through the broker), on a vhost
+    of its own: `web`'s workers, storing in Redis, must not take these tasks."""
+    with throwaway_stack(tmp_path_factory.mktemp("stack-rpc")) as env:
+        env.only_rabbit("rpc:// results travel through RabbitMQ")
+        yield from web_with_workers({**env, "CELERY_RESULT_BACKEND": "rpc://"},
+                                    tmp_path_factory.mktemp("web-rpc"), request)
 
 
 def test_post_starts_slow_task_and_get_shows_progress_then_the_result(web):
@@ -83,7 +101,17 @@ def test_post_starts_slow_task_and_get_shows_progress_then_the_result(web):
     assert set(done) == {"id", "state", "current", "total", "result"}
 
 
-def test_delete_terminates_a_running_task_which_ends_revoked(web):
+def test_on_rpc_results_a_task_this_process_did_not_start_is_a_404_saying_why(web_rpc):
+    answer = web_rpc.call("GET", f"/api/tasks/{uuid.uuid4()}")
+    assert answer.status_code == 404, answer.text
+    assert "was not started by this web.py: rpc:// sends each result only to the caller" \
+        in answer.json()["error"]
+
+
+@pytest.mark.parametrize("results", ["web", "web_rpc"], ids=["own-results", "rpc-results"])
+def test_delete_terminates_a_running_task_which_ends_revoked(request, results):
+    """Also on rpc://: a terminated task's REVOKED reaches the sender's reply queue."""
+    web = request.getfixturevalue(results)
     task_id = web.start(60)
     web.until(task_id, {"PROGRESS"}, 20)
     answer = web.call("DELETE", f"/api/tasks/{task_id}")
@@ -96,9 +124,36 @@ def test_delete_terminates_a_running_task_which_ends_revoked(web):
 
 
 def test_several_tasks_run_at_a_time(web):
-    ids = [web.start(2) for _ in range(2)]
+    """Two tasks of 3 s (slow_queue's worker runs two at once): one poll sees both running."""
+    ids = [web.start(3) for _ in range(2)]
+    both = []
+
+    def both_in_progress():
+        states = [web.call("GET", f"/api/tasks/{task_id}").json() for task_id in ids]
+        both.append(states)
+        return all(s["state"] == "PROGRESS" for s in states)
+    stack.eventually(both_in_progress, f"both tasks in PROGRESS at once (seen {both[-2:]})", 20,
+                     interval=0.2)
     for task_id in ids:
-        assert web.until(task_id, {"SUCCESS"}, 30)[-1]["result"]["steps"] == 2
+        assert web.until(task_id, {"SUCCESS"}, 30)[-1]["result"]["steps"] == 3
+
+
+def test_on_rpc_results_tasks_started_at_once_all_reach_success_with_progress(web_rpc):
+    """rpc:// sends each state only to the sender's reply queue (one per thread): web.py makes
+    every Celery call on one thread, so each GET sees what the workers sent (before: PENDING for
+    ever). Six tasks started at once, then parallel GETs, as several pages would."""
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(lambda _: web_rpc.start(3), range(6)))
+        seen = list(pool.map(lambda task_id: web_rpc.until(task_id, {"SUCCESS"}, 60), ids))
+    for task_id, answers in zip(ids, seen):
+        assert answers[-1] == {"id": task_id, "state": "SUCCESS", "current": 3, "total": 3,
+                               "result": answers[-1]["result"]}, answers
+        assert answers[-1]["result"]["steps"] == 3
+        progress = [(a["current"], a["total"]) for a in answers if a["state"] == "PROGRESS"]
+        assert progress and all(total == 3 and 1 <= current <= 3 for current, total in progress)
+        assert progress == sorted(progress), answers  # never back to an older state
+    print(f"\nrpc://: each of {len(ids)} tasks seen in PROGRESS: "
+          f"{[sum(a['state'] == 'PROGRESS' for a in answers) for answers in seen]} times")
 
 
 @pytest.mark.parametrize("body, says", [
@@ -108,6 +163,9 @@ def test_several_tasks_run_at_a_time(web):
     ({"duration": True}, "not True"),
     ({"duration": 2.5}, "not 2.5"),
     ({"duration": 601}, "not 601"),
+    ({"duration": "²"}, "not '²'"),  # digits to str.isdigit, not to int()
+    ({"duration": "①"}, "not '①'"),
+    ({"duration": "٣"}, "not '٣'"),  # a digit to int() too, but not what a form sends
     ({}, 'send a JSON object such as {"duration": 5}'),
     ([5], 'send a JSON object such as {"duration": 5}'),
 ])
@@ -116,11 +174,27 @@ def test_a_duration_that_is_not_a_positive_number_gets_400_saying_so(web, body, 
     assert answer.status_code == 400 and says in answer.json()["error"], answer.text
 
 
+def test_a_duration_given_as_a_string_of_digits_is_taken(web):
+    answer = web.call("POST", "/api/slow_task", json={"duration": " 1 "})  # as a form sends it
+    assert answer.status_code == 202, answer.text
+    assert web.until(answer.json()["id"], {"SUCCESS"}, 30)[-1]["result"]["steps"] == 1
+
+
+def test_a_json_body_without_its_content_type_is_read_anyway(web):
+    answer = web.call("POST", "/api/slow_task", data='{"duration": 1}',
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
+    assert answer.status_code == 202, answer.text
+    assert web.until(answer.json()["id"], {"SUCCESS"}, 30)[-1]["result"]["steps"] == 1
+
+
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
-def test_a_malformed_task_id_gets_400_saying_so(web, method):
-    answer = web.call(method, "/api/tasks/not-a-task-id")
+@pytest.mark.parametrize("task_id", ["not-a-task-id", str(uuid.uuid4()).upper(),
+                                     uuid.uuid4().hex], ids=["word", "upper-case", "no-hyphens"])
+def test_a_malformed_task_id_gets_400_saying_so(web, method, task_id):
+    answer = web.call(method, f"/api/tasks/{task_id}")
     assert answer.status_code == 400, answer.text
-    assert "'not-a-task-id' is not a task id (a UUID" in answer.json()["error"]
+    assert f"{task_id!r} is not a task id (a lower-case UUID such as " \
+        in answer.json()["error"], answer.text
 
 
 def test_an_unknown_task_id_is_pending_as_celery_says(web):
@@ -219,19 +293,22 @@ def test_the_page_starts_a_task_shows_its_bar_reach_100_and_cancels_another(web,
     browser.get(web.url)
     assert "slow_task" in browser.title
     row = start(4)
-    counts = set()
+    other = start(60)  # while the first runs: two bars at once
+    counts, together = set(), []
 
     def finished(_):
         counts.add(text(row, ".count"))
+        if text(row, ".state") == text(other, ".state") == "PROGRESS":
+            together.append((text(row, ".count"), text(other, ".count")))
         return text(row, ".state") == "SUCCESS"
     WebDriverWait(browser, 30, poll_frequency=0.1).until(finished)
     assert any(c.startswith(("1 of 4", "2 of 4", "3 of 4")) for c in counts), counts  # advanced
     assert text(row, ".count") == "4 of 4 (100 %)"
     assert row.find_element(By.CSS_SELECTOR, ".fill").get_attribute("style") == "width: 100%;"
     assert '"steps":4' in text(row, ".result")
+    assert together and all(" of 4 (" in a and " of 60 (" in b for a, b in together), together
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".task")) == 2
 
-    other = start(60)
-    WebDriverWait(browser, 20).until(lambda _: text(other, ".state") == "PROGRESS")
     browser.save_screenshot(str(tmp_path / "web.png"))  # what docs/web.png shows
     other.find_element(By.CSS_SELECTOR, ".cancel").click()
     WebDriverWait(browser, 15).until(lambda _: text(other, ".state") == "REVOKED")
@@ -248,7 +325,7 @@ def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_pat
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if "the stack keeps running" in line:
+            if "keep running;" in " ".join("".join(lines[-2:]).split()):  # rich wraps
                 up.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -256,6 +333,9 @@ def test_run_demo_web_serves_the_page_on_the_embedded_stack_and_stops_it(tmp_pat
         assert up.wait(120), "".join(lines)[-3000:]
         url = re.search(r"web page \(web\.py\): (http://127\.0\.0\.1:\d+/)", "".join(lines))
         assert url, "".join(lines)[-3000:]
+        # named again in the last line, which the demos' table does not scroll away
+        said = " ".join("".join(lines).split())  # as one line, however rich wrapped it
+        assert f"the stack and the web page {url.group(1)} keep running; press Ctrl-C" in said
         assert "slow_task" in requests.get(url.group(1), timeout=10).text
         task = requests.post(url.group(1) + "api/slow_task", json={"duration": 2},
                              timeout=15).json()["id"]
@@ -282,7 +362,7 @@ def test_cancel_on_a_broker_without_remote_control_is_501_saying_why(web_without
 def test_a_service_that_freezes_mid_run_gets_503_naming_it_not_a_hang(rabbit_env, tmp_path,
                                                                        request, service):
     """TCP open, nothing answered (a paused VM): only the client's own timeouts can tell.
-    With rpc:// each of web.py's threads declares a reply queue of its own before it sends
+    With rpc:// web.py's one calling thread declares its reply queue before it sends
     (stack.celery_gaps.RPCBackend bounds that; tests/test_diagnosis.py shows the hang)."""
     rpc = service.endswith("rpc:// results")
     env = {**rabbit_env, "CELERY_RESULT_BACKEND": "rpc://"} if rpc else rabbit_env
@@ -295,8 +375,7 @@ def test_a_service_that_freezes_mid_run_gets_503_naming_it_not_a_hang(rabbit_env
         try:
             web = Web(processes, env)
             task_id = web.start(1)  # both answer: no worker needed to send and to look
-            if not rpc:  # rpc:// results reach only the thread that sent the task
-                assert web.call("GET", f"/api/tasks/{task_id}").json()["state"] == "PENDING"
+            assert web.call("GET", f"/api/tasks/{task_id}").json()["state"] == "PENDING"
             proxy.freeze()
             started = time.monotonic()
             answer = (web.call("GET", f"/api/tasks/{task_id}") if service == "result backend"

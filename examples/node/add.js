@@ -27,6 +27,20 @@ if (process.env.CELERY_RESULT_KEYPREFIX) {
   client.conf.CELERY_BACKEND_OPTIONS = { keyPrefix: process.env.CELERY_RESULT_KEYPREFIX };
 }
 
+// One line, exit 1, whatever fails. RabbitMQ refusing the queue (PRECONDITION_FAILED: `celery`
+// declared with other arguments, by an older version of the demo) closes the channel with an
+// 'error' event that celery-node does not listen to: Node would crash with a stack trace.
+function fail(error) {
+  const hint = /PRECONDITION.FAILED/.test(error.message) ? " (see docs/troubleshooting.md)" : "";
+  console.error(`tasks.add failed: ${error.message}${hint}`);
+  process.exit(1);
+}
+process.on("unhandledRejection", fail);
+if (client.broker.connect) {  // amqp://: amqplib's connection and channel, as promises
+  client.broker.connect.then((connection) => connection.on("error", fail), fail);
+  client.broker.channel.then((channel) => channel.on("error", fail), fail);
+}
+
 client.createTask("tasks.add").applyAsync([x, y])
   .get(seconds * 1000)
   .then((result) => {
@@ -34,7 +48,4 @@ client.createTask("tasks.add").applyAsync([x, y])
     clearTimeout(deadline);
     return client.disconnect();
   })
-  .catch((error) => {
-    console.error(`tasks.add failed: ${error.message}`);
-    process.exit(1);
-  });
+  .catch(fail);
