@@ -76,12 +76,13 @@ def service_failed(exc):
 
 def within_deadline(service, call, *args, **kwargs):
     """``call(*args, **kwargs)``, or the error Celery raises for ``service`` after DEADLINE s
-    (so that stack.service_fault names it)."""
+    (so that stack.service_fault names it, and says how long it waited: ``seconds``)."""
     try:
         return calls.submit(call, *args, **kwargs).result(timeout=DEADLINE)
     except NoAnswer:
-        error = OperationalError if service == "broker" else BackendError
-        raise error(f"no answer within {DEADLINE} s") from None
+        error = (OperationalError if service == "broker" else BackendError)("no answer")
+        error.seconds = DEADLINE
+        raise error from None
 
 
 @web.get("/")
