@@ -144,8 +144,9 @@ BACKENDS = (
                           "states such as PROGRESS by polling",
         "shared_results": "rpc:// sends each result only to the caller: no other process can "
                           "look it up by its id",
-        "revoked_state": "rpc:// never delivers a REVOKED state to the caller: a revoked or "
-                         "expired task stays PENDING there",
+        "revoked_state": "rpc:// sends a REVOKED state only to the caller, which no longer "
+                         "sees states by polling after its first get(): a revoked or expired "
+                         "task stays PENDING there",
     }),
     Component("file", "result backend", ("file",), system="the results folder", probe="folder",
               check=FOLDER_CHECK),
