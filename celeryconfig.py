@@ -336,6 +336,8 @@ def summary():
 def effective_pair():
     """Which broker and result backend this configuration uses, and what they cannot do
     (stack/capabilities.py: one of the extras)."""
+    # Only called where stack/ sits beside this file (EXTRAS, in __main__ below): a copy of
+    # this file alone never reaches this import, and `python -m celeryconfig` prints the rest.
     from stack import capabilities
     offers = capabilities.offers_for(broker_url, result_backend, queue_type=QUEUE_TYPE)
     lines = [f"# broker: {offers.broker.kind} ({masked(broker_url)}); "

@@ -125,10 +125,11 @@ def task_meta(task_id):
 
 @web.get("/api/tasks/<task_id>")
 def task_status(task_id):
-    if RPC and checked(task_id) not in STARTED:  # it would read PENDING for ever
+    task_id = checked(task_id)
+    if RPC and task_id not in STARTED:  # it would read PENDING for ever
         return jsonify(error=f"task {task_id} was not started by this web.py: "
                              f"{stack.decide(('shared_results',), OFFERS)}"), 404
-    meta = within_deadline("result backend", task_meta, checked(task_id))
+    meta = within_deadline("result backend", task_meta, task_id)
     state, info = meta["status"], meta["result"]  # one read: state and info of one moment
     current, total, value = (0 if state in ("PENDING", "STARTED") else None), None, None
     if state == "PROGRESS" and isinstance(info, dict):

@@ -75,7 +75,7 @@ def check_driver(url, role="broker"):
 def mask(url):
     """The URL with its password replaced, safe to print or log; each URL of a ";" list (a
     broker failover list, sentinel:// results), where kombu's masks only the first."""
-    if not isinstance(url, str) or ";" not in url:
+    if not isinstance(url, str):  # None, or a URL object kombu masks itself
         return maybe_sanitize_url(url)
     return ";".join(maybe_sanitize_url(part) for part in url.split(";"))
 
